@@ -1,0 +1,1 @@
+"""facedist.data"""
