@@ -129,6 +129,7 @@ def dependencies(cfg, num_classes: int, data_fingerprint: str) -> dict[str, Any]
         "model.embedding_dim": cfg.model.embedding_dim,
         "loss.head": cfg.loss.head,
         "head classes": num_classes if cfg.loss.head != "none" else 0,
+        "loss.adarand": cfg.loss.adarand,
         "optim.name": cfg.optim.name,
         "training data": data_fingerprint,
     }

@@ -76,7 +76,7 @@ class Objective(nn.Module):
             total = total + self.head_weight * loss
             logged["head_loss"] = value
         if self.adarand is not None:
-            loss, value = self.adarand(embeddings, labels)
+            loss, value = self.adarand(embeddings, labels, step)
             total = total + loss
             logged["adarand_loss"] = value
         logged["loss"] = sum(w * logged[k] for k, w in (("pair_loss", self.pair_weight),

@@ -117,7 +117,13 @@ def main(argv=None) -> int:
         from facedist.heads import build_head
 
         head, head_optimizer = build_head(cfg, train_index.num_classes, world, rank, device)
-    objective = Objective(cfg.loss, head)
+    adarand = adarand_optimizer = None
+    if cfg.loss.adarand:
+        from facedist.heads import build_adarand
+
+        adarand, adarand_optimizer = build_adarand(cfg, train_index.num_classes, world, rank, device)
+    objective = Objective(cfg.loss, head, adarand)
+    side_optimizers = [opt for opt in (head_optimizer, adarand_optimizer) if opt is not None]  # outside DDP/ZeRO
     optimizer, scheduler = build_optimizer(model.parameters(), cfg.optim, cfg.train.max_steps)
     fingerprint = load_manifest(cfg.data.shards)["splits"][cfg.data.split_train]["index_sha256"]
     dependencies = checkpoint.dependencies(cfg, train_index.num_classes, fingerprint)
@@ -138,8 +144,18 @@ def main(argv=None) -> int:
             scheduler.load_state_dict(state["scheduler"])
         if head is not None:
             head.load_checkpoint(resume_from / "head", head_optimizer)
+        if adarand is not None:
+            adarand.load_checkpoint(resume_from / "adarand", adarand_optimizer)
         start_step = meta["step"]
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
+    elif adarand is not None:  # class Gaussians from the pretrained model's features of this rank's classes
+        own = adarand.own_samples(train_index.class_offsets)
+        loader = make_eval_loader(train_index, prep, cfg.eval.batch_size, num_workers=cfg.data.num_workers,
+                                  samples=range(own.start, own.stop))
+        model.eval()
+        with torch.no_grad(), accelerator.autocast():
+            adarand.init_from_features((model(images.to(device)).float(), labels) for images, labels, _ in loader)
+        model.train()
     if zero.is_deepspeed(accelerator):
         zero.configure(accelerator, cfg, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -198,6 +214,8 @@ def main(argv=None) -> int:
             "train_state.pt": checkpoint.save_torch(train_state),
         }
         rank_files = head.checkpoint_files("head", head_optimizer) if head is not None else {}
+        if adarand is not None:
+            rank_files.update(adarand.checkpoint_files("adarand", adarand_optimizer))
         if zero.is_deepspeed(accelerator):
             rank_files.update(zero.checkpoint_files(model, rank))
         writer.save(step, {"world_size": world, "dependencies": dependencies}, main_files, rank_files)
@@ -224,8 +242,9 @@ def main(argv=None) -> int:
         accelerator.backward(loss)
         if accelerator.scaler is not None:  # fp16: unscale before measuring/clipping; head unscaled too
             accelerator.unscale_gradients()
-            if head_optimizer is not None:
-                accelerator.scaler.unscale_(head_optimizer)
+            for side_optimizer in side_optimizers:
+                accelerator.scaler.unscale_(side_optimizer)
+        # one global norm over backbone + head shards; AdaRand's means follow their own objective, unclipped
         if zero.is_deepspeed(accelerator):  # DeepSpeed clipped and stepped (or skipped) the backbone in backward
             grad_norm = zero.global_grad_norm(model, clip_grad_norm_([], head_params, cfg.optim.grad_clip))
         else:
@@ -241,17 +260,16 @@ def main(argv=None) -> int:
                 if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
                     raise SystemExit(f"stopping: {nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_steps); "
                                      "lower optim.lr, enable optim.grad_clip or use bf16 instead of fp16")
-            optimizer.zero_grad(set_to_none=True)
-            if head_optimizer is not None:
-                head_optimizer.zero_grad(set_to_none=True)
+            for opt in (optimizer, *side_optimizers):
+                opt.zero_grad(set_to_none=True)
         else:
             nonfinite_in_a_row = 0
-            if head_optimizer is not None:
+            for side_optimizer in side_optimizers:
                 if accelerator.scaler is not None:
-                    accelerator.scaler.step(head_optimizer)
+                    accelerator.scaler.step(side_optimizer)
                 else:
-                    head_optimizer.step()
-                head_optimizer.zero_grad(set_to_none=True)
+                    side_optimizer.step()
+                side_optimizer.zero_grad(set_to_none=True)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None:

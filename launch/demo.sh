@@ -23,5 +23,5 @@ import json, sys
 evals = [r for r in map(json.loads, open(sys.argv[1])) if "val_auc" in r]
 first, last = evals[0], evals[-1]
 print(f"validation AUC on unseen identities: step {first['step']}: {first['val_auc']:.4f} -> "
-      f"step {last['step']}: {last['val_auc']:.4f}   (TAR@FAR=1e-2 {last['val_tar@far=1e-2']})")
+      f"step {last['step']}: {last['val_auc']:.4f}   (TAR@FAR=1e-2: {last['val_tar@far=1e-2']:.4f})")
 PY

@@ -73,3 +73,34 @@ def test_embed_with_align_skips_and_reports_images_without_face(tmp_path):
     assert len(result.skipped) == 1 and "blank.png" in result.skipped[0]
     direct = embed_paths(model, [face], pre).vectors
     assert not np.allclose(result.vectors, direct, atol=1e-3)  # the aligned crop was embedded, not the raw image
+
+
+@needs_orl
+def test_shards_build_align_stores_aligned_crops_and_reports_images_without_a_face(tmp_path):
+    import io
+    import json
+    import shutil
+
+    from facedist.data.cli import main as shards_main
+    from facedist.data.index import ShardIndex
+    from facedist.data.shards import decode_rgb
+
+    src = tmp_path / "src"
+    for subject in ("s1", "s2"):
+        shutil.copytree(ORL / subject, src / subject)
+    flat = np.random.default_rng(0).integers(90, 110, (112, 92), dtype=np.uint8)
+    Image.fromarray(flat).save(src / "s1" / "flat.png")
+    out = tmp_path / "shards"
+    assert shards_main(["build", str(src), str(out), "--align", "--size", "64", "--format", "png", "--workers", "1",
+                        "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["skipped_files"] == [{"path": "s1/flat.png", "reason": "no face found (--align)"}]
+    index = ShardIndex(out, "train")
+    assert index.num_samples == 20
+    aligner = FaceAligner(64)
+    for i in (0, 13):  # the stored image is the aligned crop of its source, not a centre square
+        stored = Image.open(io.BytesIO(index.read_image_bytes(i)))
+        source = sorted(p for p in src.glob("*/*.pgm"))[i]
+        expected = aligner.align(decode_rgb(source.read_bytes()), str(source)).image
+        assert stored.size == (64, 64)
+        assert np.array_equal(np.asarray(stored), np.asarray(expected))

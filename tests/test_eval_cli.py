@@ -123,6 +123,9 @@ def test_eval_bad_inputs_are_one_line(tiny32, synth_tree, tmp_path):
     wrong = tmp_path / "config.yaml"
     wrong.write_text("model: {}\n")
     assert str(wrong) in _one_line_exit(["--checkpoint", str(wrong), "--folder", str(synth_tree), "--out", str(tmp_path / "o")])
+    one_identity = _lfw_tree(tmp_path / "one", {"solo": 3})  # nothing to compare it with
+    assert "at least two identities" in _one_line_exit(["--checkpoint", str(file), "--folder", str(one_identity),
+                                                        "--out", str(tmp_path / "o"), "--num-workers", "0", "--cpu"])
     assert not (tmp_path / "o" / "metrics.json").exists()
 
 

@@ -132,3 +132,28 @@ def test_bf16_mixed_precision_trains(shards, tmp_path):
     assert len(records) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     train_weights, _ = final_weights(tmp_path)
     assert all(v.dtype == torch.float32 for k, v in train_weights.items() if v.is_floating_point())
+
+
+@pytest.mark.distributed
+def test_adarand_fine_tuning_is_the_same_on_two_processes_and_after_resharding(shards, tmp_path):
+    """AdaRand from a pretrained file: 4 steps on 1 process == 3 steps on 2 + resume on 1 (its sharded
+    class means and their optimizer saved by 2 ranks, loaded by 1)."""
+    import timm
+
+    pretrained = tmp_path / "pretrained.pt"
+    torch.manual_seed(7)
+    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), pretrained)
+    common = [*TINY, f"data.shards={shards}", "model.bn=frozen", "data.images_per_class=3", "optim.lr=1e-4",
+              f"model.pretrained={pretrained}", "loss.adarand=true", "loss.adarand_lambda=0.5", "checkpoint.every=3"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train([*common, "data.classes_per_batch=4", "train.max_steps=4", f"output_dir={straight}"])
+    train([*common, "data.classes_per_batch=2", "train.max_steps=3", f"output_dir={split}"], nproc=2)
+    assert (split / "checkpoints" / "step_00000003" / "adarand" / "rank_00001.safetensors").is_file()
+    out = train([*common, "data.classes_per_batch=4", "train.max_steps=4", f"output_dir={split}", "--resume", "auto"])
+    assert "resumed from" in out.stdout + out.stderr
+    a, b = metrics(straight), metrics(split)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    assert all(r["adarand_loss"] > 0 for r in a) and len({r["adarand_loss"] for r in a}) > 1
+    for x, y in zip(a, b):
+        for key in ("loss", "pair_loss", "adarand_loss", "grad_norm"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)

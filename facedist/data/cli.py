@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--test-identities", default=defaults.test_identities, help="count or fraction of identities")
     b.add_argument("--seed", type=int, default=defaults.seed, help="chooses the val/test identities")
     b.add_argument("--min-images", type=int, default=defaults.min_images, help="skip identities with fewer images")
+    b.add_argument("--align", action="store_true",
+                   help="detect, align and crop each face (OpenCV; pip install 'facedist[align]'); images without a face are skipped and reported")
     b.add_argument("--quiet", action="store_true", help="no progress bars or summary")
 
     v = commands.add_parser("verify", help="re-read every shard: checksums, counts, index, decode every image")
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             options = BuildOptions(
                 size=args.size, format=args.format, quality=args.quality, max_samples=args.max_samples,
                 max_bytes=args.max_bytes, val_identities=args.val_identities,
-                test_identities=args.test_identities, min_images=args.min_images, seed=args.seed,
+                test_identities=args.test_identities, min_images=args.min_images, seed=args.seed, align=args.align,
             )
             build(args.src, args.out, options, workers=args.workers, progress=not args.quiet)
         elif args.command == "verify":

@@ -91,9 +91,12 @@ def eval_samples(index, world_size: int, rank: int, max_images: int = 0) -> np.n
 
 
 def make_eval_loader(index, preprocessing: dict, batch_size: int, world_size: int = 1, rank: int = 0,
-                     max_images: int = 0, num_workers: int = 0) -> DataLoader:
-    """(images, labels, sample indices) of this rank's share of the split; gather across ranks after."""
+                     max_images: int = 0, num_workers: int = 0, samples=None) -> DataLoader:
+    """(images, labels, sample indices) of this rank's share of the split (or of `samples` when given),
+    un-augmented; gather across ranks after."""
     transform = build_transforms(AugmentConfig(), preprocessing["image_size"], preprocessing["mean"],
                                  preprocessing["std"], train=False)
-    items = _EvalItems(FaceDataset(index, transform), eval_samples(index, world_size, rank, max_images))
+    if samples is None:
+        samples = eval_samples(index, world_size, rank, max_images)
+    items = _EvalItems(FaceDataset(index, transform), np.asarray(samples))
     return DataLoader(items, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available())

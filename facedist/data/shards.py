@@ -33,6 +33,7 @@ the rest is written, and `manifest.json`, written last, marks the build complete
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -76,6 +77,7 @@ class BuildOptions:
     test_identities: str = "0"
     min_images: int = 1
     seed: int = 0
+    align: bool = False  # detect, align and crop the face (facedist.align); images without one are skipped
 
     def validate(self) -> None:
         if self.format not in IMAGE_FORMATS:
@@ -270,8 +272,15 @@ def _failure_reason(error: Exception) -> str:
     return f"corrupt image ({type(error).__name__}: {text})"
 
 
-def check_file(path: str) -> tuple[str | None, list[int] | None, str | None]:
-    """(sha256, [w, h], None) for a readable image, else (None, None, reason)."""
+@functools.lru_cache(maxsize=1)
+def _aligner(size: int):
+    from facedist.align import FaceAligner
+
+    return FaceAligner(size)
+
+
+def check_file(path: str, align_size: int = 0) -> tuple[str | None, list[int] | None, str | None]:
+    """(sha256, [w, h], None) for a readable image (with a face when `align_size` > 0), else (None, None, reason)."""
     try:
         data = Path(path).read_bytes()
     except OSError as error:
@@ -279,19 +288,28 @@ def check_file(path: str) -> tuple[str | None, list[int] | None, str | None]:
     if not data:
         return None, None, "zero-byte file"
     try:
-        original_size = list(decode_rgb(data).size)  # as displayed, i.e. after EXIF orientation
+        image = decode_rgb(data)
     except Exception as error:  # Pillow raises many types for bad data; every one means "skip this file"
         return None, None, _failure_reason(error)
+    original_size = list(image.size)  # as displayed, i.e. after EXIF orientation
+    if align_size:
+        from facedist.align import NoFaceError
+
+        try:
+            _aligner(align_size).align(image, path)
+        except NoFaceError:
+            return None, None, "no face found (--align)"
     return hashlib.sha256(data).hexdigest(), original_size, None
 
 
-def convert_file(job: tuple[str, str, int, str, int]) -> bytes:
-    """Decode, square, resize and encode one source image (whose sha256 must still be `expected_sha`)."""
-    path, expected_sha, size, image_format, quality = job
+def convert_file(job: tuple[str, str, int, str, int, bool]) -> bytes:
+    """Decode, square (or align) and resize, encode one source image (whose sha256 must still be `expected_sha`)."""
+    path, expected_sha, size, image_format, quality, align = job
     data = Path(path).read_bytes()
     if hashlib.sha256(data).hexdigest() != expected_sha:
         raise ShardError(f"{path}: changed since it was checked; run the build again")
-    return encode_image(square_resize(decode_rgb(data), size), image_format, quality)
+    image = _aligner(size).align(decode_rgb(data), path).image if align else square_resize(decode_rgb(data), size)
+    return encode_image(image, image_format, quality)
 
 
 
@@ -563,7 +581,8 @@ def build(src: str | Path, out: str | Path, options: BuildOptions, workers: int 
     files = [p for paths in scan.identities.values() for p in paths]
     with worker_pool(workers) as pool:
         checks = {}
-        results = pool.imap(check_file, [str(src / p) for p in files], chunksize=16)
+        check = functools.partial(check_file, align_size=options.size if options.align else 0)
+        results = pool.imap(check, [str(src / p) for p in files], chunksize=16)
         for relpath, result in tqdm(zip(files, results), total=len(files), desc="check", unit="img", disable=not progress):
             checks[relpath] = result
         plan = make_plan(scan, checks, options)
@@ -598,7 +617,7 @@ def _write_shards(pool, src: Path, out: Path, plan: Plan, options: BuildOptions,
     from tqdm import tqdm
 
     resume = {split: _finished_prefix(out, split, samples, options.format) for split, samples in plan.splits.items()}
-    jobs = [(str(src / s.source), s.sha256, options.size, options.format, options.quality)
+    jobs = [(str(src / s.source), s.sha256, options.size, options.format, options.quality, options.align)
             for split, (_, done) in resume.items() for s in plan.splits[split][len(done):]]
     encoded = pool.imap(convert_file, jobs, chunksize=16)
     bar = tqdm(total=len(jobs), desc="convert", unit="img", disable=not progress)

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     state = PartialState(cpu=args.cpu)  # joins the process group when run under accelerate launch
     try:
         evaluate(args, state.device)
-    except (CheckpointError, ImageError, ShardError, PairsError) as err:
+    except (CheckpointError, ImageError, ShardError, PairsError, ValueError) as err:  # ValueError: unusable data
         raise SystemExit(f"facedist-eval: {err}") from None
     finally:
         distributed.barrier()
