@@ -94,6 +94,8 @@ def main(argv=None) -> int:
     except ConfigError as err:
         raise SystemExit(f"config error: {err}")
     output_dir = Path(cfg.output_dir)
+    stop = StopRequest()
+    stop.install()  # first: a SIGUSR1 during start-up (default action: die) becomes a stop after step 1
 
     # --- distributed setup: one Accelerator; every rank runs this same code (W = 1 included)
     accelerator = Accelerator(
@@ -168,8 +170,6 @@ def main(argv=None) -> int:
     train_loader = make_train_loader(train_index, cfg.data, prep, world, rank, cfg.train.seed, start_step)
     steps_per_epoch = train_loader.batch_sampler.steps_per_epoch
     log = MetricsLog(output_dir, start_step, is_main)
-    stop = StopRequest()
-    stop.install()
     writer = checkpoint.CheckpointWriter(output_dir, cfg.checkpoint.keep, rank, accelerator.wait_for_everyone)
 
     def evaluation_model() -> torch.nn.Module:
@@ -305,9 +305,9 @@ def main(argv=None) -> int:
 
     progress.close()
     log.close()
-    if stopping and is_main:
-        requeue_if_slurm()
     accelerator.wait_for_everyone()  # before tearing down: avoids gloo's abort at exit
+    if stopping and is_main:  # every rank is past its checkpoint files: the requeued job may start now
+        requeue_if_slurm()
     accelerator.end_training()
     if distributed.is_distributed():
         torch.distributed.destroy_process_group()

