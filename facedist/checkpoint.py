@@ -67,7 +67,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(tmp)
     with open(tmp, "rb") as f:
@@ -84,7 +84,7 @@ def save_embedding_model(model_state: dict[str, torch.Tensor] | torch.nn.Module,
     """Write evaluation weights of an EmbeddingModel as safetensors with the metadata to rebuild it."""
     state = model_state.state_dict() if isinstance(model_state, torch.nn.Module) else model_state
     meta = {"facedist": json.dumps({"preprocessing": preprocessing, "config": config, "step": step})}
-    _write_atomic(Path(path), lambda tmp: save_file(_contiguous(state), str(tmp), metadata=meta))
+    write_atomic(Path(path), lambda tmp: save_file(_contiguous(state), str(tmp), metadata=meta))
 
 
 def read_embedding_metadata(path: str | Path) -> dict:
@@ -165,11 +165,11 @@ class CheckpointWriter:
         for name, write in {**(main_files if self.rank == 0 else {}), **rank_files}.items():
             target = partial / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(target, write)
+            write_atomic(target, write)
         self.barrier()
         if self.rank == 0:
             meta = {"format_version": FORMAT_VERSION, "step": step, **meta}
-            _write_atomic(partial / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+            write_atomic(partial / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
             os.replace(partial, final)
             for old in list_checkpoints(self.output_dir)[: -self.keep] if self.keep > 0 else []:
                 shutil.rmtree(old)

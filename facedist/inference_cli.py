@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from facedist import distributed
-from facedist.checkpoint import (EMBEDDING_FILE, CheckpointError, _write_atomic, load_embedding_model,
+from facedist.checkpoint import (EMBEDDING_FILE, CheckpointError, write_atomic, load_embedding_model,
                                  read_embedding_metadata, save_embedding_model)
 from facedist.evaluation.cli import THRESHOLDS_FILE
 from facedist.evaluation.metrics import far_key
@@ -102,13 +102,13 @@ def write_embeddings(path: Path, vectors: np.ndarray, identities: list[str], pat
 
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1])
         table = pa.table({"path": paths, "identity": identities, "embedding": embedding})
-        _write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+        write_atomic(path, lambda tmp: pq.write_table(table, tmp))
     else:
         def write_npz(tmp):
             with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temp name
                 np.savez(f, embeddings=vectors, identity=np.array(identities, dtype=str), path=np.array(paths, dtype=str))
 
-        _write_atomic(path, write_npz)
+        write_atomic(path, write_npz)
 
 
 def embed(args: argparse.Namespace) -> None:
@@ -166,7 +166,7 @@ def export_onnx(model: torch.nn.Module, preprocessing: dict, metadata: dict, pat
             proto.metadata_props.add(key=key, value=value)
         onnx.save(proto, str(tmp))
 
-    _write_atomic(path, write)
+    write_atomic(path, write)
 
 
 def export(args: argparse.Namespace) -> None:

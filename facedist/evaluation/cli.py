@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from facedist import distributed
-from facedist.checkpoint import CheckpointError, _write_atomic, load_embedding_model
+from facedist.checkpoint import CheckpointError, write_atomic, load_embedding_model
 from facedist.data.shards import ShardError
 from facedist.inference import IMAGE_EXTENSIONS, ImageDataset, ImageError, ShardImages, embed_dataset, list_images
 
@@ -84,7 +84,7 @@ def write_thresholds(checkpoint_dir: Path, metrics: dict, source: str, flip: boo
     far = {k: float(v) for k, v in metrics["thresholds_at_far"].items() if v is not None}
     record = {"far": far, "source": source, "flip": flip, "align": align, "num_impostor": metrics["num_impostor"]}
     path = checkpoint_dir / THRESHOLDS_FILE
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     return path
 
 

@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from facedist.checkpoint import _write_atomic
+from facedist.checkpoint import write_atomic
 
 
 def _figure(width: float = 5.5, height: float = 4.5):
@@ -89,5 +89,5 @@ def tsne_figure(embeddings: np.ndarray, labels: np.ndarray, max_points: int = 20
 def save_figure(figure: Figure, path: str | Path) -> Path:
     """Write the figure as PNG atomically."""
     path = Path(path)
-    _write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", bbox_inches="tight"))
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", bbox_inches="tight"))
     return path

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facedist.checkpoint import _write_atomic
+from facedist.checkpoint import write_atomic
 from facedist.evaluation import plots
 from facedist.evaluation.identification import FPIRS, identification_metrics
 from facedist.evaluation.metrics import (FARS, balanced_pairs, pair_list_metrics, pair_scores,
@@ -85,7 +85,7 @@ def evaluate_embeddings(embeddings, labels, out_dir=None, tb_writer=None, step: 
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
+        write_atomic(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
         for name, figure in figures.items():
             plots.save_figure(figure, out_dir / f"{name}.png")
     if tb_writer is not None:
