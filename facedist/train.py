@@ -103,6 +103,9 @@ def main(argv=None) -> int:
         kwargs_handlers=zero.process_group_kwargs(process_group_kwargs(cfg.train.timeout_s)),
     )
     world, rank, device, is_main = accelerator.num_processes, accelerator.process_index, accelerator.device, accelerator.is_main_process
+    if cfg.train.mixed_precision == "fp16" and device.type == "cpu":  # Accelerate would silently run fp32
+        raise SystemExit("train.mixed_precision: fp16 needs a GPU (on CPU, Accelerate has no fp16 autocast or "
+                         "loss scaler); use bf16 or no")
     set_seed(cfg.train.seed)  # identical initial weights on every rank
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)

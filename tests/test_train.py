@@ -126,6 +126,11 @@ def test_non_finite_steps_stop_training(shards, tmp_path):
     assert "step skipped (1 in a row)" in proc.stdout + proc.stderr
 
 
+def test_fp16_on_cpu_is_refused_not_silently_fp32(shards, tmp_path):
+    proc = train([*TINY, f"data.shards={shards}", "train.mixed_precision=fp16", f"output_dir={tmp_path}"], check=False)
+    assert proc.returncode != 0 and "fp16 needs a GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_bf16_mixed_precision_trains(shards, tmp_path):
     train([*TINY, f"data.shards={shards}", "train.mixed_precision=bf16", "train.max_steps=3", f"output_dir={tmp_path}"])
     records = metrics(tmp_path)
