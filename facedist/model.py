@@ -58,11 +58,15 @@ def preprocessing(model: EmbeddingModel, image_size: int) -> dict:
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"model.pretrained: weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch/safetensors raise many types for a corrupt or foreign file
+        raise ValueError(f"model.pretrained: {path} is not a readable weights file "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:120]})") from err
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

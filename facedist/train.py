@@ -34,7 +34,7 @@ from facedist import checkpoint, distributed, zero
 from facedist.config import Config, ConfigError, load_config
 from facedist.data.dataset import make_eval_loader, make_train_loader
 from facedist.data.index import ShardIndex
-from facedist.data.shards import load_manifest
+from facedist.data.shards import ShardError, load_manifest
 from facedist.evaluation.metrics import verification_metrics
 from facedist.losses import Objective
 from facedist.model import build_model, preprocessing
@@ -115,7 +115,10 @@ def main(argv=None) -> int:
     val_index = ShardIndex(cfg.data.shards, cfg.data.split_val) if cfg.eval.every > 0 else None
 
     # --- model, objective, optimizers
-    model = build_model(cfg.model, device)
+    try:
+        model = build_model(cfg.model, device)
+    except (FileNotFoundError, ValueError) as err:  # model.pretrained: missing file, not a fitting state dict
+        raise SystemExit(str(err)) from None
     prep = preprocessing(model, cfg.model.image_size)
     head = head_optimizer = None
     if cfg.loss.head != "none":
@@ -169,6 +172,8 @@ def main(argv=None) -> int:
     if resume_from is not None and accelerator.scaler is not None and state.get("scaler"):
         accelerator.scaler.load_state_dict(state["scaler"])
     raw_model = accelerator.unwrap_model(model)
+    if cfg.model.compile:  # in place: the wrapped model calls the compiled forward, state_dict keys unchanged
+        raw_model.compile()
 
     train_loader = make_train_loader(train_index, cfg.data, prep, world, rank, cfg.train.seed, start_step)
     steps_per_epoch = train_loader.batch_sampler.steps_per_epoch
@@ -318,4 +323,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ShardError, checkpoint.CheckpointError) as err:  # bad shard folder, refused resume: one line
+        sys.exit(f"facedist train: {err}")

@@ -111,6 +111,26 @@ def test_bad_config_fails_at_start_with_one_line(shards, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_bad_shards_or_weights_file_fail_with_one_line(shards, tmp_path):
+    proc = train([*TINY, f"data.shards={tmp_path / 'nowhere'}", f"output_dir={tmp_path}"], check=False)
+    assert proc.returncode != 0 and "nowhere/manifest.json not found" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "junk.pt").write_bytes(b"not torch")
+    proc = train([*TINY, f"data.shards={shards}", f"model.pretrained={tmp_path / 'junk.pt'}", f"output_dir={tmp_path}"],
+                 check=False)
+    assert proc.returncode != 0 and "model.pretrained" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager(shards, tmp_path):
+    common = [*TINY, f"data.shards={shards}", "train.max_steps=3", "eval.every=3"]
+    train([*common, f"output_dir={tmp_path / 'eager'}"])
+    train([*common, "model.compile=true", f"output_dir={tmp_path / 'compiled'}"])
+    for a, b in zip(metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")):
+        for key in ("loss", "grad_norm", "val_auc"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+
+
 def test_resume_refuses_a_changed_model(shards, tmp_path):
     common = [*TINY, f"data.shards={shards}", "train.max_steps=1", f"output_dir={tmp_path}"]
     train(common)
