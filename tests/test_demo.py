@@ -30,4 +30,4 @@ def test_demo_training_reaches_auc_on_unseen_identities(tmp_path):
     evals = [r for r in records if "val_auc" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == records[-1]["step"]
     assert evals[0]["val_auc"] < 0.75  # an untrained model does not verify
-    assert evals[-1]["val_auc"] >= 0.9
+    assert evals[-1]["val_auc"] >= 0.95  # seen: 0.59 -> 0.97
