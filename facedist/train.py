@@ -35,7 +35,7 @@ from facedist.config import Config, ConfigError, load_config
 from facedist.data.dataset import make_eval_loader, make_train_loader
 from facedist.data.index import ShardIndex
 from facedist.data.shards import ShardError, load_manifest
-from facedist.evaluation.metrics import verification_metrics
+from facedist.evaluation.report import evaluate_embeddings
 from facedist.losses import Objective
 from facedist.model import build_model, preprocessing
 from facedist.optim import (build_optimizer, clip_grad_norm_, current_lr, evaluation_state_dict, is_schedule_free,
@@ -193,8 +193,8 @@ def main(argv=None) -> int:
                 recalibrate_batchnorm(eval_model, (images.to(device) for images, _ in batches))
         return eval_model.eval()
 
-    def evaluate(eval_model) -> dict:
-        """Embed the validation identities (split across ranks, gathered) and score 1:1 verification."""
+    def evaluate(eval_model, step: int) -> dict:
+        """Embed the validation identities (split across ranks, gathered) and run facedist-eval's suite on them."""
         embeddings, labels = [], []
         loader = make_eval_loader(val_index, prep, cfg.eval.batch_size, world, rank, cfg.eval.max_images,
                                   num_workers=cfg.data.num_workers)
@@ -206,8 +206,11 @@ def main(argv=None) -> int:
         labels = distributed.gather_rows(torch.cat(labels))
         if not is_main:
             return {}
-        metrics = verification_metrics(embeddings.cpu(), labels.cpu())
-        return {"val_auc": metrics["auc"], "val_tar@far=1e-2": metrics["tar_at_far"]["1e-02"]}
+        # all of it (ROC, PR, histogram, projector) goes to TensorBoard under val/; the headline numbers to metrics.jsonl
+        metrics = evaluate_embeddings(embeddings.cpu(), labels.cpu(), tb_writer=log.tensorboard, step=step, tag="val")
+        return {"val_auc": metrics["auc"], "val_eer": metrics["eer"], "val_tar@far=1e-2": metrics["tar_at_far"]["1e-02"],
+                "val_tar@far=1e-3": metrics["tar_at_far"]["1e-03"], "val_accuracy": metrics["accuracy_kfold"]["mean"],
+                "val_rank1": metrics["cmc"]["rank1"]}
 
     def save(step: int, eval_model: torch.nn.Module) -> None:
         train_state = {
@@ -232,7 +235,7 @@ def main(argv=None) -> int:
     head_params = list(head.parameters()) if head is not None else []
     model.train()
     if start_step == 0 and val_index is not None:
-        log.write({"step": 0, "epoch": 0, **evaluate(evaluation_model())})
+        log.write({"step": 0, "epoch": 0, **evaluate(evaluation_model(), 0)})
     batches = iter(train_loader)
     nonfinite_in_a_row, step, stopping = 0, start_step, False
     progress = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not is_main, desc="train")
@@ -300,7 +303,7 @@ def main(argv=None) -> int:
         if eval_due or ckpt_due:
             eval_model = evaluation_model()
             if eval_due:
-                record = {**(record or {"step": step, "epoch": (step - 1) // steps_per_epoch}), **evaluate(eval_model)}
+                record = {**(record or {"step": step, "epoch": (step - 1) // steps_per_epoch}), **evaluate(eval_model, step)}
             if ckpt_due:
                 save(step, eval_model)
             del eval_model
