@@ -328,5 +328,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ShardError, checkpoint.CheckpointError) as err:  # bad shard folder, refused resume: one line
+    except (ShardError, checkpoint.CheckpointError, ConfigError) as err:  # bad shards, refused resume, bad combination
         sys.exit(f"facedist train: {err}")

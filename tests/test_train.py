@@ -109,6 +109,10 @@ def test_bad_config_fails_at_start_with_one_line(shards, tmp_path):
     assert proc.returncode != 0
     assert "train.mixed_precision: 'fp8' is not one of no, bf16, fp16" in proc.stderr
     assert "Traceback" not in proc.stderr
+    for overrides, message in ((["loss.head=arcface", "loss.sample_rate=0.5"], "ScheduleFree moves every class centre"),
+                               (["loss.adarand=true"], "loss.adarand: regularises fine-tuning")):
+        proc = train([*TINY, *overrides, f"data.shards={shards}", f"output_dir={tmp_path}"], check=False)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bad_shards_or_weights_file_fail_with_one_line(shards, tmp_path):
