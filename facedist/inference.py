@@ -27,6 +27,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from facedist import distributed
+from facedist.data.dataset import loader_kwargs
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff")
 
@@ -83,6 +84,9 @@ class ImageDataset(Dataset):
                  names: Sequence[str] | None = None):
         self.sources, self.preprocessing, self.align, self.names = sources, preprocessing, align, names
         self._aligner = None  # built lazily in each worker (OpenCV cascades do not pickle)
+
+    def __getstate__(self) -> dict:  # workers start from a pickled copy (forkserver)
+        return {**self.__dict__, "_aligner": None}
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -156,8 +160,7 @@ def embed_dataset(model: torch.nn.Module, dataset: ImageDataset, batch_size: int
     """
     device = next(model.parameters()).device
     mine = np.array_split(np.arange(len(dataset)), distributed.world_size())[distributed.rank()]
-    loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=batch_size, **loader_kwargs(num_workers))
     vectors, indices, skipped, fatal = [], [], [], []
     model.eval()
     for images, idx, messages, fatal_flags in tqdm(loader, desc="embedding", disable=not progress or distributed.rank() > 0):

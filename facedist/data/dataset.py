@@ -20,6 +20,17 @@ from torchvision.transforms import v2
 from facedist.config import AugmentConfig, DataConfig
 from facedist.data.sampler import ClassBalancedBatchSampler
 
+# Workers are forked from a clean single-threaded server, not from the trainer: a fork while another
+# thread holds CPython's thread-state lock (TensorBoard's writer, queue feeders, tqdm's monitor) left an
+# evaluation loader's worker deadlocked in PyOS_AfterFork_Child and the run hung (seen, Python 3.11).
+WORKER_START_METHOD = "forkserver"
+
+
+def loader_kwargs(num_workers: int) -> dict:
+    """DataLoader arguments for `num_workers` worker processes (forkserver, see above)."""
+    return {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
+            "multiprocessing_context": WORKER_START_METHOD if num_workers > 0 else None}
+
 
 def build_transforms(augment: AugmentConfig, image_size: int, mean, std, train: bool) -> v2.Compose:
     """Train: random resized crop, flip, rotation, colour jitter; eval: resize. Both normalise."""
@@ -68,8 +79,8 @@ def make_train_loader(index, cfg: DataConfig, preprocessing: dict, world_size: i
                                         world_size, rank, seed, start_step)
     transform = build_transforms(cfg.augment, preprocessing["image_size"], preprocessing["mean"],
                                  preprocessing["std"], train=True)
-    return DataLoader(FaceDataset(index, transform), batch_sampler=sampler, num_workers=cfg.num_workers,
-                      pin_memory=torch.cuda.is_available(), prefetch_factor=4 if cfg.num_workers else None)
+    return DataLoader(FaceDataset(index, transform), batch_sampler=sampler,
+                      prefetch_factor=4 if cfg.num_workers else None, **loader_kwargs(cfg.num_workers))
 
 
 class _EvalItems(Dataset):
@@ -99,4 +110,4 @@ def make_eval_loader(index, preprocessing: dict, batch_size: int, world_size: in
     if samples is None:
         samples = eval_samples(index, world_size, rank, max_images)
     items = _EvalItems(FaceDataset(index, transform), np.asarray(samples))
-    return DataLoader(items, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    return DataLoader(items, batch_size=batch_size, **loader_kwargs(num_workers))
