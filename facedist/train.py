@@ -103,7 +103,8 @@ def main(argv=None) -> int:
         kwargs_handlers=zero.process_group_kwargs(process_group_kwargs(cfg.train.timeout_s)),
     )
     world, rank, device, is_main = accelerator.num_processes, accelerator.process_index, accelerator.device, accelerator.is_main_process
-    if cfg.train.mixed_precision == "fp16" and device.type == "cpu":  # Accelerate would silently run fp32
+    if cfg.train.mixed_precision == "fp16" and accelerator.scaler is None and not zero.is_deepspeed(accelerator):
+        # on CPU Accelerate gives neither fp16 autocast nor a loss scaler: the run would silently be fp32
         raise SystemExit("train.mixed_precision: fp16 needs a GPU (on CPU, Accelerate has no fp16 autocast or "
                          "loss scaler); use bf16 or no")
     set_seed(cfg.train.seed)  # identical initial weights on every rank

@@ -1,6 +1,7 @@
 """The trainer end to end: distributed equivalence, step-exact resume, bad configs, non-finite stops."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -186,3 +187,41 @@ def test_adarand_fine_tuning_is_the_same_on_two_processes_and_after_resharding(s
     for x, y in zip(a, b):
         for key in ("loss", "pair_loss", "adarand_loss", "grad_norm"):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
+
+
+def _train_fp16_on_cpu(args, init_scale):
+    runner = [sys.executable, str(REPO / "tests" / "fp16_on_cpu.py"), str(init_scale)]
+    proc = subprocess.run([*runner, *args], env=_env(), capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return proc
+
+
+def test_fp16_with_loss_scaling_tracks_fp32_and_skips_overflows_without_counting_them(shards, tmp_path):
+    """Accelerate's fp16 path (float16 autocast + GradScaler), run on the CPU by tests/fp16_on_cpu.py, with
+    the sharded head: close to fp32 but not equal (fp16 really ran); with a huge initial scale the first
+    steps overflow and are skipped by the scaler, never counted as non-finite steps, and training goes on."""
+    common = [*TINY, f"data.shards={shards}", "loss.head=arcface", "loss.scale=16", "train.max_nonfinite_steps=2"]
+    train([*common, "train.max_steps=5", f"output_dir={tmp_path / 'fp32'}"])
+    _train_fp16_on_cpu([*common, "train.mixed_precision=fp16", "train.max_steps=5", f"output_dir={tmp_path / 'fp16'}"],
+                       init_scale=2.0**8)
+    fp32, fp16 = metrics(tmp_path / "fp32"), metrics(tmp_path / "fp16")
+    # RAdam leaves the weights alone for its first steps: there only the forward's precision differs
+    for a, b in zip(fp32[:4], fp16[:4]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=2e-2)
+    assert any(a["loss"] != b["loss"] for a, b in zip(fp32, fp16))
+    state = torch.load(sorted((tmp_path / "fp16" / "checkpoints").glob("step_*"))[-1] / "train_state.pt", weights_only=True)
+    assert state["scaler"]["scale"] == 2.0**8  # no overflow at this scale, and the scaler's state is saved
+    train_weights, _ = final_weights(tmp_path / "fp16")
+    assert all(v.dtype == torch.float32 for v in train_weights.values() if v.is_floating_point())
+
+    out = _train_fp16_on_cpu([*common, "train.mixed_precision=fp16", "train.max_steps=16",
+                              f"output_dir={tmp_path / 'overflow'}"], init_scale=2.0**24)
+    records = metrics(tmp_path / "overflow")
+    assert len(records) == 16 and "non-finite" not in out.stdout + out.stderr
+    assert all(r["nonfinite_in_a_row"] == 0 for r in records)
+    skipped = [r["step"] for r in records if not math.isfinite(r["grad_norm"])]
+    assert skipped and skipped == list(range(1, len(skipped) + 1)) and len(skipped) < 16  # overflows, then steps
+    state = torch.load(sorted((tmp_path / "overflow" / "checkpoints").glob("step_*"))[-1] / "train_state.pt",
+                       weights_only=True)
+    assert state["scaler"]["scale"] == 2.0 ** (24 - len(skipped))  # halved once per skipped step
