@@ -131,11 +131,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
+YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
 def _coerce(key: str, annotation: Any, value: Any) -> Any:
     """Check `value` against a field's type annotation; convert YAML/CLI scalars where unambiguous."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/false and yes/on/true as booleans
+            value = next((word for word in YAML_BOOL_WORDS[value] if word in args), value)
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
         return value

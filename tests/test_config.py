@@ -57,3 +57,13 @@ def test_both_losses_none_is_refused():
     with pytest.raises(ConfigError, match="loss.pair and loss.head"):
         load_config(None, ["loss.pair=none", "loss.head=none"])
     assert isinstance(load_config(None, ["loss.pair=none", "loss.head=arcface"]), Config)
+
+
+def test_yaml_boolean_words_mean_the_choice_they_spell(tmp_path):
+    """YAML 1.1 reads `no` as false: mixed_precision=no must still be the choice "no"."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=bf16", "train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="loss.pair: True is not one of"):
+        load_config(None, ["loss.pair=yes"])

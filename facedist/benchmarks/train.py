@@ -126,6 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--folder", help="identity folders for the baseline (default: synthetic faces drawn now)")
+    parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -148,5 +149,8 @@ def main(argv=None) -> int:
         result["baseline_images_per_s"] = baseline(cfg, folder, device, args.steps, args.warmup)
     result["end_to_end_over_model_only"] = result["end_to_end_images_per_s"] / result["model_only_images_per_s"]
     result["end_to_end_over_baseline"] = result["end_to_end_images_per_s"] / result["baseline_images_per_s"]
-    print(json.dumps(result, indent=1))
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
     return 0
