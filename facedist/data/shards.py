@@ -308,6 +308,8 @@ def convert_file(job: tuple[str, str, int, str, int, bool]) -> bytes:
     data = Path(path).read_bytes()
     if hashlib.sha256(data).hexdigest() != expected_sha:
         raise ShardError(f"{path}: changed since it was checked; run the build again")
+    # --align detects again here: the check pass only learns which images have a face (splits and labels
+    # depend on it); keeping its crops would hold every image in memory until the write pass
     image = _aligner(size).align(decode_rgb(data), path).image if align else square_resize(decode_rgb(data), size)
     return encode_image(image, image_format, quality)
 
