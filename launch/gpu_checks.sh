@@ -50,6 +50,10 @@ $py -m facedist.bench head --classes "$classes" --rates 1.0,0.1 --steps 5 --out 
   > "$out/bench_head.log" 2>&1 || echo "bench head FAILED"
 $py -m facedist.bench head --classes "$classes" --rates 1.0,0.1 --steps 5 --mixed-precision bf16 \
   --out "$out/bench_head_bf16.json" > "$out/bench_head_bf16.log" 2>&1 || echo "bench head bf16 FAILED"
+# the whole training step around the head (the recipe's backbone, 32 images per GPU): peak memory next to 1M ids
+$py -m facedist.bench head --classes "$classes" --rates 0.1 --steps 5 --mixed-precision bf16 --batch 32 \
+  --backbone "$backbone" --image-size "$size" --out "$out/bench_head_train_step.json" \
+  > "$out/bench_head_train_step.log" 2>&1 || echo "bench head train step FAILED"
 
 rm -rf "$out/faces" "$shards"  # keep what comes back small
 ls -la "$out"
