@@ -46,6 +46,7 @@ class ModelConfig:
     embedding_dim: int = 512
     image_size: int = 112
     bn: Literal["batch", "sync", "frozen"] = "batch"
+    input_norm: Literal["none", "retinex"] = "none"  # lighting normalisation inside the model (model.py)
     channels_last: bool = False
     compile: bool = False
 
@@ -78,6 +79,7 @@ class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    backbone_lr_scale: float = 1.0  # the pretrained backbone's lr = lr x this; the neck gets lr
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9  # sgd_schedulefree only
     grad_clip: float = 0.0  # global L2 norm; 0 disables
@@ -232,6 +234,8 @@ def _validate(cfg: Config) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if not 0.0 < cfg.optim.backbone_lr_scale <= 1.0:
+        raise ConfigError(f"optim.backbone_lr_scale: must be in (0, 1], got {cfg.optim.backbone_lr_scale}")
     if not 0.0 < cfg.loss.sample_rate <= 1.0:
         raise ConfigError(f"loss.sample_rate: must be in (0, 1], got {cfg.loss.sample_rate}")
     if cfg.loss.pair == "none" and cfg.loss.head == "none":

@@ -1,4 +1,5 @@
-"""The embedding model: a timm backbone without classifier, then a linear + BatchNorm neck to D dims."""
+"""The embedding model: an optional lighting normalisation of the input, a timm backbone without classifier,
+then a linear + BatchNorm neck to D dims."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import facedist  # noqa: F401  (torchvision compat before timm)
@@ -18,11 +20,46 @@ log = logging.getLogger(__name__)
 _CLASSIFIER_PREFIXES = ("classifier.", "fc.", "head.fc.", "head.", "last_linear.")
 
 
-class EmbeddingModel(nn.Module):
-    """Backbone features -> Linear -> BatchNorm1d: the insightface-style neck, unnormalised output."""
+class RetinexNormalisation(nn.Module):
+    """Lighting normalisation of normalised RGB input, inside the model so that training, evaluation,
+    facedist-embed/-compare and the ONNX export apply it identically.
 
-    def __init__(self, backbone: nn.Module, embedding_dim: int):
+    Retinex: an image is albedo x shading, and shading from one light varies slowly across the face. In
+    log intensity that product is a sum, so subtracting a Gaussian-blurred local mean removes the smooth
+    shading and gamma (a scale in log space) is undone by dividing by the local RMS contrast. The result
+    is grey, about unit variance (squashed by tanh to +-3), copied to the backbone's 3 input channels.
+    Buffers are not persistent: the state dict is that of the model without it.
+    """
+
+    def __init__(self, mean, std, image_size: int):
         super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        sigma = image_size / 16  # ~7 px at 112: wider than eyes and mouth, narrower than the shading
+        radius = int(3 * sigma)
+        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+        self.register_buffer("kernel", (taps / taps.sum()).view(1, 1, 1, -1), persistent=False)
+
+    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+        radius = self.kernel.shape[-1] // 2
+        x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), self.kernel)
+        return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), self.kernel.transpose(2, 3))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        grey = (images * self.std + self.mean).mean(1, keepdim=True).clamp(min=0)
+        log = torch.log(grey + 1 / 255)  # 1/255: one grey level, so black pixels stay finite
+        detail = log - self._blur(log)
+        contrast = torch.sqrt(self._blur(detail * detail) + 1e-4)
+        return (3 * torch.tanh(detail / contrast / 3)).expand(-1, images.shape[1], -1, -1)
+
+
+class EmbeddingModel(nn.Module):
+    """[input normalisation ->] backbone features -> Linear -> BatchNorm1d: the insightface-style neck,
+    unnormalised output."""
+
+    def __init__(self, backbone: nn.Module, embedding_dim: int, input_norm: nn.Module | None = None):
+        super().__init__()
+        self.input_norm = input_norm or nn.Identity()
         self.backbone = backbone
         # timm models with a pre-logits layer (e.g. MobileNetV3) output head_hidden_size, not num_features
         features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
@@ -33,7 +70,7 @@ class EmbeddingModel(nn.Module):
         self.freeze_bn = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.neck(self.backbone(images))
+        return self.neck(self.backbone(self.input_norm(images)))
 
     def train(self, mode: bool = True) -> "EmbeddingModel":
         super().train(mode)
@@ -46,7 +83,11 @@ class EmbeddingModel(nn.Module):
 
 def preprocessing(model: EmbeddingModel, image_size: int) -> dict:
     """What an image must go through before the model: size and the backbone's normalisation."""
-    cfg = model.backbone.pretrained_cfg
+    return _preprocessing(model.backbone, image_size)
+
+
+def _preprocessing(backbone: nn.Module, image_size: int) -> dict:
+    cfg = backbone.pretrained_cfg
     return {
         "image_size": int(image_size),
         "mean": [float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))],
@@ -117,7 +158,11 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> Embeddi
         raise ValueError(f"model.backbone: {err}") from err
     if cfg.pretrained:
         load_backbone_weights(backbone, cfg.pretrained)
-    model = EmbeddingModel(backbone, cfg.embedding_dim)
+    input_norm = None
+    if cfg.input_norm == "retinex":
+        prep = _preprocessing(backbone, cfg.image_size)
+        input_norm = RetinexNormalisation(prep["mean"], prep["std"], cfg.image_size)
+    model = EmbeddingModel(backbone, cfg.embedding_dim, input_norm)
     if cfg.bn == "sync":
         if torch.device(device).type != "cuda":
             raise ValueError("model.bn=sync needs GPUs (SyncBatchNorm has no CPU kernel); use batch or frozen")

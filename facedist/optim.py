@@ -26,9 +26,23 @@ SCHEDULE_FREE = {
 }
 
 
+def model_param_groups(model: nn.Module, backbone_lr_scale: float) -> list:
+    """The embedding model's parameters for build_optimizer: one group, or with backbone_lr_scale < 1 the
+    new layers (neck) at lr and the pretrained backbone at lr x backbone_lr_scale, so fine-tuning adapts
+    the new layers fast without washing out the pretrained features."""
+    if backbone_lr_scale == 1.0:
+        return list(model.parameters())
+    backbone = {id(p) for p in model.backbone.parameters()}
+    return [{"params": [p for p in model.parameters() if id(p) not in backbone]},
+            {"params": list(model.backbone.parameters()), "lr_scale": backbone_lr_scale}]
+
+
 def build_optimizer(params: Iterable, cfg: OptimConfig, max_steps: int, lr_scale: float = 1.0):
-    """(optimizer, LR scheduler or None). ScheduleFree needs no schedule; AdamW gets warmup + cosine."""
+    """(optimizer, LR scheduler or None). ScheduleFree needs no schedule; AdamW gets warmup + cosine.
+    `params` may be groups (dicts) with an "lr_scale" of their own."""
     lr = cfg.lr * lr_scale
+    params = [{**{k: v for k, v in group.items() if k != "lr_scale"}, "lr": lr * group.get("lr_scale", 1.0)}
+              if isinstance(group, dict) else group for group in params]
     if cfg.name == "radam_schedulefree":
         optimizer = schedulefree.RAdamScheduleFree(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     elif cfg.name == "adamw_schedulefree":

@@ -39,7 +39,7 @@ from facedist.evaluation.report import evaluate_embeddings
 from facedist.losses import Objective
 from facedist.model import build_model, preprocessing
 from facedist.optim import (build_optimizer, clip_grad_norm_, current_lr, evaluation_state_dict, is_schedule_free,
-                            recalibrate_batchnorm)
+                            model_param_groups, recalibrate_batchnorm)
 from facedist.preemption import StopRequest, process_group_kwargs, requeue_if_slurm
 
 
@@ -113,6 +113,9 @@ def main(argv=None) -> int:
 
     # --- data: random access into shards; rank r loads slice r of each global batch
     train_index = ShardIndex(cfg.data.shards, cfg.data.split_train)
+    if train_index.image_size != cfg.model.image_size:  # resizing every image on the fly would hide it
+        raise SystemExit(f"data.shards: {cfg.data.shards} holds {train_index.image_size} px images but "
+                         f"model.image_size={cfg.model.image_size}; rebuild the shards with --size {cfg.model.image_size}")
     val_index = ShardIndex(cfg.data.shards, cfg.data.split_val) if cfg.eval.every > 0 else None
 
     # --- model, objective, optimizers
@@ -133,7 +136,8 @@ def main(argv=None) -> int:
         adarand, adarand_optimizer = build_adarand(cfg, train_index.num_classes, world, rank, device)
     objective = Objective(cfg.loss, head, adarand)
     side_optimizers = [opt for opt in (head_optimizer, adarand_optimizer) if opt is not None]  # outside DDP/ZeRO
-    optimizer, scheduler = build_optimizer(model.parameters(), cfg.optim, cfg.train.max_steps)
+    optimizer, scheduler = build_optimizer(model_param_groups(model, cfg.optim.backbone_lr_scale), cfg.optim,
+                                           cfg.train.max_steps)
     fingerprint = load_manifest(cfg.data.shards)["splits"][cfg.data.split_train]["index_sha256"]
     dependencies = checkpoint.dependencies(cfg, train_index.num_classes, fingerprint)
 

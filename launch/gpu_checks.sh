@@ -23,7 +23,7 @@ else ids=1000 steps=200 bench_steps=30 size=224 classes=10000,100000,1000000 bac
 shards=$out/shards
 if [[ ! -f $shards/manifest.json ]]; then
   $py -m facedist.data.cli synth "$out/faces" --identities "$ids" --images-per-identity 10 --size 112 --seed 0 --workers 16
-  $py -m facedist.data.cli build "$out/faces" "$shards" --size 112 --val-identities 0.1 --test-identities 0 --workers 16 --quiet
+  $py -m facedist.data.cli build "$out/faces" "$shards" --size "$size" --val-identities 0.1 --test-identities 0 --workers 16 --quiet
 fi
 overrides=("data.shards=$shards" "model.backbone=$backbone" "model.image_size=$size" data.num_workers=8
            "train.max_steps=$steps" train.log_every=10 eval.every=0 checkpoint.every=0)

