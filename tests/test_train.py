@@ -123,6 +123,9 @@ def test_bad_shards_or_weights_file_fail_with_one_line(shards, tmp_path):
     proc = train([*TINY, f"data.shards={shards}", f"model.pretrained={tmp_path / 'junk.pt'}", f"output_dir={tmp_path}"],
                  check=False)
     assert proc.returncode != 0 and "model.pretrained" in proc.stderr and "Traceback" not in proc.stderr
+    proc = train([*TINY, f"data.shards={shards}", "model.image_size=48", "train.max_steps=1", f"output_dir={tmp_path / 'size'}"], check=False)
+    assert proc.returncode != 0 and "holds 32 px images but model.image_size=48" in proc.stderr
+    assert "Traceback" not in proc.stderr and "\n" not in proc.stderr.strip()
 
 
 @pytest.mark.slow
