@@ -142,3 +142,15 @@ def test_broken_recordio_is_one_clear_error_and_leaves_nothing_looking_valid(tmp
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err, err
     assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("layout", ["insightface", "im2rec"])
+def test_facedist_frames_records_byte_for_byte_as_mxnet(layout):
+    rec = DATA / layout / "train.rec"
+    fd = os.open(rec, os.O_RDONLY)
+    try:
+        framed = b"".join(recordio.frame(recordio.read_record(fd, offset, str(key)))
+                          for key, offset in recordio.read_idx(rec.with_suffix(".idx"), rec.stat().st_size))
+    finally:
+        os.close(fd)
+    assert framed == rec.read_bytes()
