@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn.metrics import roc_curve
 
 from facedist.align import TEMPLATE_FIVE_POINTS
@@ -63,15 +64,15 @@ def _reference(root, forward, model, pre):
     size = int(pre["image_size"])
     lines = [l.split() for l in (root / "meta" / "ijbc_name_5pts_score.txt").read_text().splitlines()]
     ids = [l.split() for l in (root / "meta" / "ijbc_face_tid_mid.txt").read_text().splitlines()]
-    features = []
-    for (name, *_, faceness), _ in zip(lines, ids):
+    crops = []
+    for name, *_ in lines:
         image = cv2.imread(str(root / "loose_crop" / name))[..., ::-1]
-        inverse = cv2.invertAffineTransform(forward[name]) * np.array([[size / 112], [size / 112]])
-        crop = cv2.warpAffine(np.ascontiguousarray(image), inverse, (size, size), borderValue=0.0)
-        x = preprocess(__import__("PIL.Image").Image.fromarray(crop), pre)[None]
-        with torch.no_grad():
-            features.append((model(x) + model(x.flip(-1)))[0].double().numpy() * float(faceness))
-    features = np.array(features)
+        inverse = cv2.invertAffineTransform(forward[name]) * (size / 112)
+        crops.append(preprocess(Image.fromarray(cv2.warpAffine(np.ascontiguousarray(image), inverse, (size, size),
+                                                               borderValue=0.0)), pre))
+    x = torch.stack(crops)
+    with torch.no_grad():
+        features = (model(x) + model(x.flip(-1))).double().numpy() * np.array([float(l[-1]) for l in lines])[:, None]
     templates = np.array([int(i[1]) for i in ids])
     media = np.array([int(i[2]) for i in ids])
     template_features = {}
@@ -88,7 +89,7 @@ def test_ijb_protocol_equals_a_direct_numpy_computation(tiny, ijb_tree, tmp_path
     model, pre, _ = tiny
     root, forward = ijb_tree
     labels, scores = _reference(root, forward, model, pre)
-    metrics = ijb.evaluate_ijb(root, "IJBC", model, pre, tmp_path / "out", batch_size=8, chunk_faces=7)
+    metrics = ijb.evaluate_ijb(root, "IJBC", model, pre, tmp_path / "out", batch_size=64, chunk_faces=20)
     saved = np.load(tmp_path / "out" / "ijbc_scores.npz")
     np.testing.assert_allclose(saved["scores"], scores, atol=2e-5)
     assert saved["labels"].tolist() == labels.astype(bool).tolist()
@@ -131,3 +132,22 @@ def test_broken_ijb_files_are_one_line(tiny, ijb_tree, tmp_path, edit, needle):
     with pytest.raises(SystemExit) as err:
         eval_main(["--checkpoint", str(tiny[2]), "--ijb", str(root), "--ijb-name", "IJBC", "--out", str(tmp_path / "o")])
     assert needle in str(err.value.code) and "\n" not in str(err.value.code)
+
+
+def _ijb_on_rank(rank, world, model_file, root):
+    from facedist.checkpoint import load_embedding_model
+
+    model, pre, _ = load_embedding_model(model_file)
+    return ijb.evaluate_ijb(root, "IJBC", model, pre, batch_size=64, chunk_faces=20)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_faces_and_pairs_split_across_two_ranks_equal_one(tiny, ijb_tree):
+    from dist_utils import run_distributed
+
+    one = _ijb_on_rank(0, 1, tiny[2], ijb_tree[0])
+    for metrics in run_distributed(_ijb_on_rank, 2, tiny[2], ijb_tree[0]):
+        assert metrics["tar_at_far_published"] == pytest.approx(one["tar_at_far_published"])
+        assert metrics["auc"] == pytest.approx(one["auc"], abs=1e-12)
+        assert metrics["num_genuine"] + metrics["num_impostor"] == 66
