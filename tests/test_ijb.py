@@ -151,3 +151,13 @@ def test_faces_and_pairs_split_across_two_ranks_equal_one(tiny, ijb_tree):
         assert metrics["tar_at_far_published"] == pytest.approx(one["tar_at_far_published"])
         assert metrics["auc"] == pytest.approx(one["auc"], abs=1e-12)
         assert metrics["num_genuine"] + metrics["num_impostor"] == 66
+
+
+def test_malformed_pair_file_names_file_and_line(ijb_tree, tmp_path):
+    import shutil
+
+    root = tmp_path / "IJBC"
+    shutil.copytree(ijb_tree[0], root)
+    (root / "meta" / "ijbc_template_pair_label.txt").write_text("1 2 1\n1 3\n")
+    with pytest.raises(ijb.IJBError, match="ijbc_template_pair_label.txt.*2"):
+        ijb.read_meta(root, "IJBC")
