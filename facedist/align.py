@@ -68,6 +68,13 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.array([[a.real, -a.imag, b.real], [a.imag, a.real, b.imag]])
 
 
+def align_five_points(image: Image.Image, landmarks: np.ndarray, size: int) -> Image.Image:
+    """The face warped by the similarity transform taking its 5 landmarks onto the ArcFace template."""
+    matrix = similarity_transform(landmarks, TEMPLATE_FIVE_POINTS * (size / TEMPLATE_SIZE))
+    crop = _cv2().warpAffine(np.asarray(image), matrix, (size, size), borderValue=0.0)  # as insightface's norm_crop
+    return Image.fromarray(crop)
+
+
 class FaceAligner:
     """Detects the largest face, finds its eyes and returns an aligned square crop of `output_size`."""
 

@@ -3,12 +3,13 @@
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from sklearn.metrics import roc_curve
+
+cv2 = pytest.importorskip("cv2", reason="IJB alignment needs opencv-python-headless (facedist[align])")
 
 from facedist.align import TEMPLATE_FIVE_POINTS
 from facedist.evaluation import ijb
@@ -100,22 +101,6 @@ def test_ijb_protocol_equals_a_direct_numpy_computation(tiny, ijb_tree, tmp_path
     assert metrics["tar_at_far_facedist"]["1e-01"] is None  # 0.1 x 60 impostors < 10: not resolvable
     assert (tmp_path / "out" / "roc.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["num_templates"] == 12
-
-
-def test_five_point_alignment_undoes_a_similarity_transform():
-    rng = np.random.default_rng(3)
-    a = 0.7 * np.exp(0.3j)
-    forward = np.array([[a.real, -a.imag, 12.0], [a.imag, a.real, 7.0]])
-    landmarks = TEMPLATE_FIVE_POINTS @ forward[:, :2].T + forward[:, 2] + rng.normal(0, 0.01, (5, 2))
-    from facedist.align import similarity_transform
-
-    def residual(matrix):
-        return np.abs(landmarks @ matrix[:, :2].T + matrix[:, 2] - TEMPLATE_FIVE_POINTS).max()
-
-    estimated = similarity_transform(landmarks, TEMPLATE_FIVE_POINTS)
-    assert residual(estimated) < 0.05  # the 0.01-px landmark noise, scaled by 1 / 0.7
-    # least squares over all 5 points: closer than the exact fit of the eyes alone
-    assert residual(estimated) < residual(similarity_transform(landmarks[:2], TEMPLATE_FIVE_POINTS[:2]))
 
 
 @pytest.mark.parametrize("edit, needle", [

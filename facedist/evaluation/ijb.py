@@ -27,12 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from sklearn.metrics import roc_curve
 from torch.utils.data import Dataset
 
 from facedist import distributed
-from facedist.align import TEMPLATE_FIVE_POINTS, TEMPLATE_SIZE, _cv2, similarity_transform
+from facedist.align import align_five_points
 from facedist.checkpoint import write_atomic
 from facedist.evaluation import plots
 from facedist.evaluation.metrics import FARS, count_scores, far_key, roc_metrics
@@ -117,13 +116,6 @@ def read_meta(root: str | Path, name: str = "IJBC") -> IJBMeta:
         raise IJBError(f"{pairs_path}: labels must be 0 or 1")
     return IJBMeta([f[0] for f in faces], ids[:, 0], ids[:, 1], landmarks, faceness, pair_values[:, :2],
                    pair_values[:, 2].astype(bool))
-
-
-def align_five_points(image: Image.Image, landmarks: np.ndarray, size: int) -> Image.Image:
-    """The face warped by the similarity transform taking its 5 landmarks onto the ArcFace template."""
-    matrix = similarity_transform(landmarks, TEMPLATE_FIVE_POINTS * (size / TEMPLATE_SIZE))
-    crop = _cv2().warpAffine(np.asarray(image), matrix, (size, size), borderValue=0.0)  # as insightface's norm_crop
-    return Image.fromarray(crop)
 
 
 class IJBFaces(Dataset):
