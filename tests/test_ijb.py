@@ -1,7 +1,6 @@
 """IJB-B/C 1:1 on a generated IJB-style tree, against a direct numpy computation of the published protocol."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
