@@ -122,6 +122,36 @@ def load_embedding_model(path: str | Path, device: str | torch.device = "cpu"):
     return model.to(device).eval(), meta["preprocessing"], file.parent
 
 
+def init_weights_from(model: torch.nn.Module, source: str | Path) -> str:
+    """Fine-tuning start (`model.init_from`): a run's latest checkpoint, a checkpoint or its model.safetensors
+    give the whole embedding model at its evaluation weights; any other file (e.g. InsightFace's
+    backbone.pth) gives the backbone, as model.pretrained. Returns what was loaded, for the log."""
+    from safetensors.torch import load_file
+
+    from facedist.model import load_backbone_weights
+
+    path = Path(source)
+    if path.is_dir():
+        path = resolve_checkpoint(path) / EMBEDDING_FILE
+    if path.suffix == ".safetensors" and path.is_file():
+        try:
+            read_embedding_metadata(path)
+        except CheckpointError:  # safetensors without facedist metadata: backbone weights
+            pass
+        else:
+            try:
+                model.load_state_dict(load_file(str(path)))
+            except RuntimeError as err:
+                raise CheckpointError(f"model.init_from: {path} does not fit this model: "
+                                      f"{str(err).splitlines()[0][:200]}") from err
+            return f"the embedding model of {path}"
+    try:
+        load_backbone_weights(model.backbone, path)
+    except (FileNotFoundError, ValueError) as err:
+        raise CheckpointError(str(err).replace("model.pretrained", "model.init_from", 1)) from err
+    return f"the backbone weights in {path}"
+
+
 def dependencies(cfg, num_classes: int, data_fingerprint: str) -> dict[str, Any]:
     """What a checkpoint's tensors depend on; resuming with any of these changed is refused unless forced."""
     return {

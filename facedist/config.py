@@ -33,16 +33,23 @@ class DataConfig:
     shards: str = "shards/synth"
     split_train: str = "train"
     split_val: str = "val"
-    classes_per_batch: int = 8  # P, per process
-    images_per_class: int = 4  # M
+    sampler: Literal["class_balanced", "random"] = "class_balanced"  # random: uniform over images (margin heads)
+    classes_per_batch: int = 8  # P, per process (class_balanced)
+    images_per_class: int = 4  # M (class_balanced)
+    batch_size: int = 128  # images per process and step (random)
     num_workers: int = 2
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def images_per_step(self) -> int:
+        """Images per process and step: batch_size for the random sampler, P x M for class_balanced."""
+        return self.batch_size if self.sampler == "random" else self.classes_per_batch * self.images_per_class
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "tf_efficientnetv2_b0"
     pretrained: str | None = None  # local weights file; nothing is downloaded
+    init_from: str | None = None  # fine-tune: a run, checkpoint or weights file; fresh step, optimizer and head
     embedding_dim: int = 512
     image_size: int = 112
     bn: Literal["batch", "sync", "frozen"] = "batch"
@@ -72,14 +79,17 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["radam_schedulefree", "adamw_schedulefree", "sgd_schedulefree", "adamw_cosine"] = (
+    name: Literal["radam_schedulefree", "adamw_schedulefree", "sgd_schedulefree", "adamw_cosine", "sgd"] = (
         "radam_schedulefree"
     )
     lr: float = 1e-4
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # not set: 5e-4 for sgd (arcface_torch's), else 0
     warmup_steps: int = 0
     betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float = 0.9  # sgd_schedulefree only
+    momentum: float = 0.9  # sgd and sgd_schedulefree
+    nesterov: bool = False  # sgd
+    schedule: Literal["polynomial", "cosine"] = "polynomial"  # sgd, after the linear warmup
+    power: float = 2.0  # sgd's polynomial decay: lr x (1 - progress) ** power, arcface_torch's PolynomialLRWarmup
     grad_clip: float = 0.0  # global L2 norm; 0 disables
 
 
@@ -212,8 +222,15 @@ def _parse_override(item: str) -> dict[str, Any]:
     return nested
 
 
+def _fill_dependent_defaults(cfg: Config) -> None:
+    """Keys whose default depends on another key: None ("not set") becomes the value actually used."""
+    if cfg.optim.weight_decay is None:
+        cfg.optim.weight_decay = 5e-4 if cfg.optim.name == "sgd" else 0.0
+
+
 def _validate(cfg: Config) -> None:
     positive = {
+        "data.batch_size": cfg.data.batch_size,
         "data.classes_per_batch": cfg.data.classes_per_batch,
         "data.images_per_class": cfg.data.images_per_class,
         "model.embedding_dim": cfg.model.embedding_dim,
@@ -234,6 +251,7 @@ def _validate(cfg: Config) -> None:
         "eval.every": cfg.eval.every,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.grad_clip": cfg.optim.grad_clip,
+        "optim.weight_decay": cfg.optim.weight_decay,
     }.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
@@ -243,8 +261,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("loss.pair and loss.head are both 'none': choose at least one loss")
     if cfg.loss.pair != "none" and cfg.data.images_per_class < 2:
         raise ConfigError(f"data.images_per_class: pair losses need >= 2 images per class, got {cfg.data.images_per_class}")
-    if cfg.loss.adarand and not cfg.model.pretrained:
-        raise ConfigError("loss.adarand: regularises fine-tuning toward pretrained features; set model.pretrained")
+    if cfg.loss.adarand and not (cfg.model.pretrained or cfg.model.init_from):
+        raise ConfigError("loss.adarand: regularises fine-tuning toward pretrained features; set model.pretrained "
+                          "or model.init_from")
+    if cfg.data.sampler == "random" and cfg.loss.pair != "none":
+        raise ConfigError(f"data.sampler=random with loss.pair={cfg.loss.pair}: uniform batches hold few positive "
+                          "pairs; use data.sampler=class_balanced for pair losses")
+    if cfg.model.pretrained and cfg.model.init_from:
+        raise ConfigError("model.pretrained and model.init_from are both set: init_from replaces the pretrained "
+                          "weights; set one")
     names = [Path(path).stem for path in cfg.eval.bins]
     if len(set(names)) != len(names):
         raise ConfigError(f"eval.bins: two sets share a name ({', '.join(names)}); each logs as <file stem>_acc")
@@ -270,6 +295,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _apply(cfg, values)
     for item in overrides:
         _apply(cfg, _parse_override(item))
+    _fill_dependent_defaults(cfg)
     _validate(cfg)
     return cfg
 
@@ -278,4 +304,5 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a Config saved with `Config.to_dict()` (e.g. from a checkpoint)."""
     cfg = Config()
     _apply(cfg, values)
+    _fill_dependent_defaults(cfg)
     return cfg

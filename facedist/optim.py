@@ -1,4 +1,4 @@
-"""Optimizers (ScheduleFree family, AdamW + cosine baseline) and what ScheduleFree needs around them.
+"""Optimizers (ScheduleFree family, AdamW + cosine, SGD + polynomial decay) and what ScheduleFree needs around them.
 
 ScheduleFree keeps two points: y, where gradients are taken (the model's weights while training), and
 x, the average that should be evaluated and exported. `evaluation_state_dict` computes x from y and the
@@ -27,7 +27,8 @@ SCHEDULE_FREE = {
 
 
 def build_optimizer(params: Iterable, cfg: OptimConfig, max_steps: int, lr_scale: float = 1.0):
-    """(optimizer, LR scheduler or None). ScheduleFree needs no schedule; AdamW gets warmup + cosine."""
+    """(optimizer, LR scheduler or None). ScheduleFree needs no schedule; AdamW gets warmup + cosine, SGD
+    (arcface_torch's recipe) warmup + polynomial decay or cosine (`lr_schedule`)."""
     lr = cfg.lr * lr_scale
     if cfg.name == "radam_schedulefree":
         optimizer = schedulefree.RAdamScheduleFree(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -37,11 +38,33 @@ def build_optimizer(params: Iterable, cfg: OptimConfig, max_steps: int, lr_scale
     elif cfg.name == "sgd_schedulefree":
         optimizer = schedulefree.SGDScheduleFree(params, lr=lr, momentum=cfg.momentum,
                                                  weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps)
+    elif cfg.name == "sgd":
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                    nesterov=cfg.nesterov)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, max_steps))
     else:
         optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, max_steps))
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, max_steps))
     optimizer.train()  # ScheduleFree optimizers start in eval mode
     return optimizer, None
+
+
+def lr_schedule(cfg: OptimConfig, max_steps: int):
+    """The LR multiplier of the non-ScheduleFree optimizers, per optimizer step (backbone and head alike)."""
+    if cfg.name == "sgd" and cfg.schedule == "polynomial":
+        return warmup_polynomial(cfg.warmup_steps, max_steps, cfg.power)
+    return warmup_cosine(cfg.warmup_steps, max_steps)
+
+
+def warmup_polynomial(warmup_steps: int, max_steps: int, power: float):
+    """LR multiplier: linear warmup to 1, then (1 - progress) ** power to 0 at max_steps (arcface_torch's
+    PolynomialLRWarmup: without warmup, step 0 runs at the full lr)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return max(0.0, 1.0 - progress) ** power
+    return factor
 
 
 def warmup_cosine(warmup_steps: int, max_steps: int):

@@ -158,7 +158,12 @@ def main(argv=None) -> int:
             adarand.load_checkpoint(resume_from / "adarand", adarand_optimizer)
         start_step = meta["step"]
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
-    elif adarand is not None:  # class Gaussians from the pretrained model's features of this rank's classes
+        if cfg.model.init_from:
+            accelerator.print(f"model.init_from={cfg.model.init_from} ignored: resuming this run's checkpoint wins")
+    elif cfg.model.init_from:  # a new run: step 0, fresh optimizer and head, weights from elsewhere
+        accelerator.print(f"model.init_from: starting from {checkpoint.init_weights_from(model, cfg.model.init_from)}")
+    if resume_from is None and adarand is not None:
+        # class Gaussians from the pretrained model's features of this rank's classes
         own = adarand.own_samples(train_index.class_offsets)
         loader = make_eval_loader(train_index, prep, cfg.eval.batch_size, num_workers=cfg.data.num_workers,
                                   samples=range(own.start, own.stop))

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from facedist.config import Config
+from facedist.config import Config, _fill_dependent_defaults
 from facedist.heads import MATMUL_DTYPES, build_head
 from facedist.model import build_model
 from facedist.optim import build_optimizer
@@ -145,6 +145,7 @@ def _config(args, rate: float) -> Config:
     cfg.model.embedding_dim, cfg.loss.head, cfg.loss.sample_rate = args.dim, args.head, rate
     cfg.optim.name, cfg.train.mixed_precision = args.optim, args.mixed_precision
     cfg.model.backbone, cfg.model.image_size = args.backbone, args.image_size
+    _fill_dependent_defaults(cfg)  # optim.weight_decay: 5e-4 for sgd, as a loaded config gets
     return cfg
 
 
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optim", default="adamw_cosine", help="optim.name (ScheduleFree needs --rates 1.0)")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--backbone", default="", help="timm name: also time the whole training step around the head")
-    parser.add_argument("--image-size", type=int, default=224, help="with --backbone")
+    parser.add_argument("--image-size", type=int, default=224, help="with --backbone (112 for iresnet*/mobilefacenet)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])

@@ -18,7 +18,7 @@ import facedist  # noqa: F401  (torchvision compat before torchvision)
 from torchvision.transforms import v2
 
 from facedist.config import AugmentConfig, DataConfig
-from facedist.data.sampler import ClassBalancedBatchSampler
+from facedist.data.sampler import make_batch_sampler
 
 # Workers are forked from a clean single-threaded server, not from the trainer: a fork while another
 # thread holds CPython's thread-state lock (TensorBoard's writer, queue feeders, tqdm's monitor) left an
@@ -75,8 +75,7 @@ class FaceDataset(Dataset):
 def make_train_loader(index, cfg: DataConfig, preprocessing: dict, world_size: int, rank: int, seed: int,
                       start_step: int = 0) -> DataLoader:
     """Endless loader of this rank's (images, labels) per step, starting at `start_step`."""
-    sampler = ClassBalancedBatchSampler(index.class_offsets, cfg.classes_per_batch, cfg.images_per_class,
-                                        world_size, rank, seed, start_step)
+    sampler = make_batch_sampler(index, cfg, world_size, rank, seed, start_step)
     transform = build_transforms(cfg.augment, preprocessing["image_size"], preprocessing["mean"],
                                  preprocessing["std"], train=True)
     return DataLoader(FaceDataset(index, transform), batch_sampler=sampler,
