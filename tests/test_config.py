@@ -67,3 +67,33 @@ def test_yaml_boolean_words_mean_the_choice_they_spell(tmp_path):
     assert load_config(None, ["train.mixed_precision=bf16", "train.mixed_precision=no"]).train.mixed_precision == "no"
     with pytest.raises(ConfigError, match="loss.pair: True is not one of"):
         load_config(None, ["loss.pair=yes"])
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["optim.name=sgd"], 5e-4),  # arcface_torch's default for SGD
+    (["optim.name=adamw_cosine"], 0.0),
+    (["optim.name=sgd", "optim.weight_decay=1e-4"], 1e-4),  # set: kept
+    (["optim.name=sgd", "optim.weight_decay=0"], 0.0),
+])
+def test_weight_decay_default_depends_on_the_optimizer_and_is_shown(overrides, expected):
+    cfg = load_config(None, overrides)
+    assert cfg.optim.weight_decay == expected and cfg.to_dict()["optim"]["weight_decay"] == expected
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["data.sampler=random", "loss.pair=triplet", "loss.head=arcface"],
+     "data.sampler=random with loss.pair=triplet: uniform batches hold few positive pairs"),
+    (["model.pretrained=a.pth", "model.init_from=runs/x"], "model.pretrained and model.init_from are both set"),
+    (["data.batch_size=0"], "data.batch_size: must be > 0"),
+    (["optim.schedule=step"], "optim.schedule: 'step' is not one of polynomial, cosine"),
+])
+def test_recipe_combinations_refused_in_one_line(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_images_per_step_follows_the_sampler():
+    assert load_config(None, ["data.classes_per_batch=3", "data.images_per_class=5"]).data.images_per_step() == 15
+    cfg = load_config(None, ["data.sampler=random", "data.batch_size=12", "loss.pair=none", "loss.head=arcface"])
+    assert cfg.data.images_per_step() == 12
