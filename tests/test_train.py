@@ -225,3 +225,63 @@ def test_fp16_with_loss_scaling_tracks_fp32_and_skips_overflows_without_counting
     state = torch.load(sorted((tmp_path / "overflow" / "checkpoints").glob("step_*"))[-1] / "train_state.pt",
                        weights_only=True)
     assert state["scaler"]["scale"] == 2.0 ** (24 - len(skipped))  # halved once per skipped step
+
+
+# --- the InsightFace recipe (configs/ms1mv3_r50.yaml) on CPU: a 1/8-width IResNet-18, synthetic faces, a .bin
+
+RECIPE = str(REPO / "configs" / "ms1mv3_r50.yaml")
+
+
+@pytest.fixture(scope="module")
+def recipe_run(shards, tmp_path_factory):
+    """The recipe's config, only what a CPU needs changed: the network, the data, the length, fp32."""
+    from facedist.evaluation.bins import write_bin_from_folder
+
+    root = tmp_path_factory.mktemp("recipe")
+    lfw = write_bin_from_folder(shards.parent / "faces", root / "lfw.bin", num_pairs=40, seed=1)
+    out = root / "run"
+    overrides = [f"data.shards={shards}", "model.backbone=iresnet18_narrow", "data.batch_size=16", "data.num_workers=0",
+                 "train.max_steps=12", "train.log_every=1", "train.mixed_precision=no", "eval.every=12",
+                 "eval.max_images=0", f"eval.bins=[{lfw}]", "checkpoint.every=0", f"output_dir={out}"]
+    proc = train(["--config", RECIPE, *overrides])
+    return out, overrides, proc
+
+
+def test_recipe_smoke_run_learns_and_logs_a_bin_accuracy(recipe_run):
+    out, _, _ = recipe_run
+    records = metrics(out)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses  # falling
+    final = records[-1]
+    assert final["step"] == 12 and 0.0 <= final["lfw_acc"] <= 1.0 and "val_auc" in final
+    assert records[1]["lr"] == pytest.approx(0.1 * (1 - 1 / 12) ** 2)  # logged after step 1: polynomial decay
+
+
+def test_init_from_starts_a_new_run_from_the_evaluation_weights_and_resume_wins(recipe_run, tmp_path):
+    source, overrides, _ = recipe_run
+    fine_tune = [*overrides[:-1], "train.max_steps=1", "eval.every=1", f"output_dir={tmp_path / 'ft'}",
+                 f"model.init_from={source}"]
+    proc = train(["--config", RECIPE, *fine_tune])
+    assert f"starting from the embedding model of {source}" in proc.stdout + proc.stderr
+    first = metrics(tmp_path / "ft")[0]
+    assert first["step"] == 0 and first["val_auc"] == metrics(source)[-1]["val_auc"]  # same weights, same data
+    assert first["lfw_acc"] == metrics(source)[-1]["lfw_acc"]
+    again = train(["--config", RECIPE, *fine_tune, "--resume", "auto"])  # finds step 1: nothing left to train
+    log = again.stdout + again.stderr
+    assert "resumed from" in log and f"model.init_from={source} ignored: resuming this run's checkpoint wins" in log
+
+
+def test_init_from_a_backbone_file_and_a_bad_one(recipe_run, tmp_path):
+    source, overrides, _ = recipe_run
+    backbone = {k.removeprefix("backbone."): v for k, v in load_file(str(sorted(
+        (source / "checkpoints").glob("step_*"))[-1] / "model.safetensors")).items()}
+    torch.save(backbone, tmp_path / "backbone.pth")  # as InsightFace releases them: the backbone's state dict
+    common = [*overrides[:-1], "train.max_steps=1", "eval.every=0", "eval.bins=[]", f"output_dir={tmp_path / 'ft'}"]
+    proc = train(["--config", RECIPE, *common, f"model.init_from={tmp_path / 'backbone.pth'}"])
+    assert "starting from the backbone weights in" in proc.stdout + proc.stderr
+    torch.save({"fc.weight": backbone["fc.weight"]}, tmp_path / "partial.pth")
+    proc = train(["--config", RECIPE, *common, f"output_dir={tmp_path / 'bad'}",
+                  f"model.init_from={tmp_path / 'partial.pth'}"], check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "model.init_from:" in proc.stderr and "missing keys ['conv1.weight'" in proc.stderr
