@@ -54,7 +54,12 @@ def model_only(cfg, device, steps, warmup) -> float:
     model = build_model(cfg.model, device).train()
     if cfg.model.compile:
         model = torch.compile(model)
-    objective = Objective(cfg.loss)
+    head = head_optimizer = None
+    if cfg.loss.head != "none":  # a margin head over the batch's P classes (the head's own cost: bench head)
+        from facedist.heads import build_head
+
+        head, head_optimizer = build_head(cfg, cfg.data.classes_per_batch, 1, 0, device)
+    objective = Objective(cfg.loss, head)
     optimizer, _ = build_optimizer(model.parameters(), cfg.optim, cfg.train.max_steps)
     batch, size = cfg.data.images_per_step(), cfg.model.image_size
     images = torch.randn(batch, 3, size, size, device=device)
@@ -68,8 +73,9 @@ def model_only(cfg, device, steps, warmup) -> float:
             embeddings = model(images)
         loss, _ = objective(embeddings, labels, 0)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for opt in (optimizer, head_optimizer) if head_optimizer is not None else (optimizer,):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     return _timed(step, steps, warmup, batch, device)
 
 
