@@ -133,6 +133,8 @@ def train_step(cfg: Config, head, head_optimizer, local_batch: int, world_size: 
         peak = torch.cuda.max_memory_allocated(device)
     else:  # one more step, counted tensor by tensor (too slow to time)
         tracker = MemTracker()
+        for param in model.parameters():  # MemTracker hooks every parameter and raises on frozen ones (IResNet's
+            param.requires_grad_(True)    # embedding BN scale); this last step is only measured, never used
         tracker.track_external(model, head, optimizer, head_optimizer, images, labels)
         with tracker:
             step(warmup + steps)
