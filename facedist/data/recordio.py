@@ -142,6 +142,44 @@ def _class_of(labels: tuple[float, ...]) -> int | None:
     return int(value) if np.isfinite(value) and value >= 0 and value == int(value) else None
 
 
+def frame(payload: bytes) -> bytes:
+    """A record as dmlc's writer frames it: split at every 4-aligned magic word, padded to 4 bytes."""
+    cuts = [i for i in range(0, len(payload) - 3, 4) if payload[i:i + 4] == _MAGIC_BYTES]
+    starts, ends = [0] + [c + 4 for c in cuts], cuts + [len(payload)]
+    out = []
+    for n, (start, end) in enumerate(zip(starts, ends)):
+        flag = 0 if not cuts else 1 if n == 0 else 3 if n == len(cuts) else 2
+        out += [struct.pack("<II", MAGIC, (flag << 29) | (end - start)), payload[start:end]]
+    return b"".join(out) + b"\0" * (-len(payload) % 4)
+
+
+def pack(labels: float | list[float], image: bytes, record_id: int = 0) -> bytes:
+    """An IRHeader payload like mx.recordio.pack: one float label (flag 0) or a list of them (flag = count)."""
+    if isinstance(labels, (int, float)):
+        return IR_HEADER.pack(0, float(labels), record_id, 0) + image
+    values = np.asarray(labels, dtype="<f4")
+    return IR_HEADER.pack(len(values), 0.0, record_id, 0) + values.tobytes() + image
+
+
+def write_insightface(rec: Path, classes: list[list[bytes]]) -> None:
+    """train.rec + train.idx in InsightFace's layout from the encoded images of each class (benchmarks, tests)."""
+    first = 1 + sum(map(len, classes))
+    records, key = [pack([first, first + len(classes)], b"")], 1
+    for label, images in enumerate(classes):
+        records += [pack(float(label), image, key + n) for n, image in enumerate(images)]
+        key += len(images)
+    start = 1
+    for images in classes:
+        records.append(pack([start, start + len(images)], b""))
+        start += len(images)
+    offset, lines = 0, []
+    with open(rec, "wb") as f:
+        for key, payload in enumerate(records):
+            lines.append(f"{key}\t{offset}\n")
+            offset += f.write(frame(payload))
+    rec.with_suffix(".idx").write_text("".join(lines))
+
+
 @dataclass
 class RecordScan:
     """Image records per identity name ({name: [(key, offset)]}) and what was left out, as report lines."""

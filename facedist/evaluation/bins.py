@@ -238,6 +238,7 @@ class BinSet:
     images: list[bytes]
     issame: np.ndarray
     sizes: set[tuple[int, int]]
+    resize_said: bool = False  # the resize note is printed once per set, not at every evaluation
 
 
 def load_set(path: str | Path) -> BinSet:
@@ -250,7 +251,8 @@ def evaluate_set(model: torch.nn.Module, bin_set: BinSet, preprocessing: dict, b
     """(metrics, [2P, D] embeddings) of one set; images split across ranks, every rank gets the result."""
     size = int(preprocessing["image_size"])
     other = sorted(s for s in bin_set.sizes if s != (size, size))
-    if other and distributed.rank() == 0:
+    if other and not bin_set.resize_said and distributed.rank() == 0:
+        bin_set.resize_said = True
         shown = ", ".join(f"{w}x{h}" for w, h in other[:3]) + (" ..." if len(other) > 3 else "")
         print(f"{bin_set.name}: images of {shown} resized to the model's {size}x{size} "
               "(shorter side, then centre crop)", file=sys.stderr)
