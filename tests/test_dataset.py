@@ -175,3 +175,15 @@ def test_corrupt_image_names_shard_sample_and_cause(synth_shards, tmp_path):
             dataset[item]
         message = str(err.value)
         assert str(path) in message and "sample 5" in message and "corrupt JPEG" in message and "\n" not in message
+
+
+def test_gpu_decode_falls_back_to_the_cpu_with_one_line(capsys):
+    index = FakeIndex()  # png shards, and no CUDA here: either reason falls back
+    cfg = DataConfig(classes_per_batch=2, images_per_class=2, num_workers=0, augment=FULL)
+    gpu = make_train_loader(index, DataConfig(**{**cfg.__dict__, "decode": "gpu"}), PREP, 1, 0, 3)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "data.decode=gpu" in line]
+    assert len(lines) == 1 and "decoding on the CPU" in lines[0]
+    cpu = make_train_loader(index, cfg, PREP, 1, 0, 3)
+    for a, b in zip(gpu, cpu):
+        assert torch.equal(_model_input(gpu, a)[0], _model_input(cpu, b)[0])
+        break
