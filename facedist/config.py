@@ -22,10 +22,17 @@ class ConfigError(ValueError):
 
 @dataclass
 class AugmentConfig:
+    """Face-aware defaults (aligned faces): mirror only; no aspect change, no black corners (replicated border).
+    Geometry is one affine warp per image on the CPU; the photometric factors apply on the training device."""
+
     hflip: bool = True
-    rotation: float = 15.0  # degrees, uniform in [-rotation, rotation]
-    crop_scale_min: float = 0.8  # random resized crop area scale in [crop_scale_min, 1]
-    color_jitter: float = 0.2  # brightness/contrast/saturation strength; 0 disables
+    crop_scale_min: float = 1.0  # square crop of area fraction uniform in [crop_scale_min, 1] (zoom in), aspect kept
+    translate: float = 0.0  # shift uniform in +-translate x the image side, on each axis
+    rotation: float = 0.0  # degrees, uniform in [-rotation, rotation]
+    brightness: float = 0.0  # factor uniform in [max(0, 1 - brightness), 1 + brightness]; 0 disables
+    contrast: float = 0.0  # same, blending with the image's mean grey level
+    saturation: float = 0.0  # same, blending with the pixel's grey level
+    gamma: float = 0.0  # exponent uniform in [1 - gamma, 1 + gamma] (a uint8 lookup table); 0 disables, < 1
 
 
 @dataclass
@@ -38,6 +45,7 @@ class DataConfig:
     images_per_class: int = 4  # M (class_balanced)
     batch_size: int = 128  # images per process and step (random)
     num_workers: int = 2
+    decode: Literal["cpu", "gpu"] = "cpu"  # gpu: nvJPEG + warp on the device (JPEG shards, CUDA), else falls back
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def images_per_step(self) -> int:
@@ -275,8 +283,14 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"eval.bins: two sets share a name ({', '.join(names)}); each logs as <file stem>_acc")
     if cfg.eval.bins and cfg.eval.every == 0:
         raise ConfigError("eval.bins: evaluated every eval.every steps, but eval.every is 0")
-    if not 0.0 <= cfg.data.augment.crop_scale_min <= 1.0:
-        raise ConfigError(f"data.augment.crop_scale_min: must be in [0, 1], got {cfg.data.augment.crop_scale_min}")
+    augment = cfg.data.augment
+    if not 0.0 < augment.crop_scale_min <= 1.0:
+        raise ConfigError(f"data.augment.crop_scale_min: must be in (0, 1], got {augment.crop_scale_min}")
+    for name in ("translate", "rotation", "brightness", "contrast", "saturation", "gamma"):
+        if getattr(augment, name) < 0:
+            raise ConfigError(f"data.augment.{name}: must be >= 0 (0 disables), got {getattr(augment, name)}")
+    if augment.gamma >= 1:
+        raise ConfigError(f"data.augment.gamma: must be < 1 (the exponent is drawn in [1 - gamma, 1 + gamma]), got {augment.gamma}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -303,6 +317,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a Config saved with `Config.to_dict()` (e.g. from a checkpoint)."""
     cfg = Config()
+    augment = values.get("data", {}).get("augment", {})
+    if "color_jitter" in augment:  # checkpoints written before brightness/contrast/saturation had their own keys
+        augment = {**augment, **dict.fromkeys(("brightness", "contrast", "saturation"), augment["color_jitter"])}
+        del augment["color_jitter"]
+        values = {**values, "data": {**values["data"], "augment": augment}}
     _apply(cfg, values)
     _fill_dependent_defaults(cfg)
     return cfg

@@ -1,8 +1,9 @@
 """Images to embeddings, one way for facedist-eval, -compare and -embed.
 
-An image is decoded, optionally face-aligned (facedist.align), resized to the checkpoint's square
-`image_size`, scaled to [0, 1] and normalised with its mean/std (the preprocessing dict stored with
-every checkpoint). Embeddings are the model's output, with flip test-time augmentation the sum of the
+An image is decoded, optionally face-aligned (facedist.align), brought to the checkpoint's square
+`image_size` exactly as the shard builder stores it (centre square crop, bicubic: `shards.square_resize`,
+so a photo embeds like its shard), scaled to [0, 1] and normalised with its mean/std (the preprocessing
+dict stored with every checkpoint). Embeddings are the model's output, with flip test-time augmentation the sum of the
 outputs for the image and its mirror (insightface convention), then L2-normalised.
 
 Under `accelerate launch` (a torch.distributed process group) every process embeds a contiguous slice
@@ -12,7 +13,6 @@ process would compute.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -23,11 +23,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from facedist import distributed
-from facedist.data.dataset import loader_kwargs
+from facedist.data.dataset import loader_kwargs, normalise, warn_if_resized
+from facedist.data.shards import decode_rgb, square_resize
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff")
 
@@ -39,9 +39,8 @@ class ImageError(ValueError):
 def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
     """Decode an image file (or encoded bytes) to RGB; `ImageError` naming it when that fails."""
     name = name or str(source)
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            return image.convert("RGB")  # convert() loads the pixels, so truncated files fail here
+    try:  # the shard builder's decoder: EXIF orientation applied, 16-bit greyscale rescaled, as in the shards
+        return decode_rgb(source if isinstance(source, bytes) else Path(source).read_bytes())
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ImageError(f"{name}: not a readable image ({reason})") from err
@@ -51,11 +50,8 @@ def preprocess(image: Image.Image, preprocessing: dict) -> torch.Tensor:
     """RGB image -> normalised float tensor [3, S, S] as the checkpoint's preprocessing dict says."""
     if preprocessing.get("color", "RGB") != "RGB":
         raise ImageError(f"preprocessing color {preprocessing['color']!r} is not supported (only RGB)")
-    size = int(preprocessing["image_size"])
-    pixels = TF.pil_to_tensor(image.convert("RGB"))
-    if tuple(pixels.shape[-2:]) != (size, size):
-        pixels = TF.resize(pixels, [size, size], antialias=True)
-    return TF.normalize(pixels.float() / 255.0, preprocessing["mean"], preprocessing["std"])
+    pixels = np.asarray(square_resize(image.convert("RGB"), int(preprocessing["image_size"])))
+    return normalise(torch.from_numpy(pixels.copy()).permute(2, 0, 1), preprocessing)
 
 
 def list_images(root: str | Path) -> tuple[list[Path], list[str]]:
@@ -110,12 +106,11 @@ class ImageDataset(Dataset):
 
 
 class ShardImages:
-    """The encoded images of one ShardIndex split as a sequence of bytes (for ImageDataset)."""
+    """The encoded images of one ShardIndex split as a sequence of bytes (for ImageDataset); images of another
+    size than the model's are resized as training resizes them (warned once)."""
 
     def __init__(self, index, image_size: int):
-        if index.image_size != image_size:
-            raise ImageError(f"{index.root}: shards hold {index.image_size}x{index.image_size} images but the "
-                             f"checkpoint expects {image_size}x{image_size} (rebuild the shards at that size)")
+        warn_if_resized(index.root, index.image_size, image_size)
         self.index = index
 
     def __len__(self) -> int:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from facedist import checkpoint, distributed, zero
 from facedist.config import Config, ConfigError, load_config
 from facedist.data.dataset import make_eval_loader, make_train_loader
+from facedist.data.device_augment import DeviceAugment
 from facedist.data.index import ShardIndex
 from facedist.data.shards import ShardError, load_manifest
 from facedist.evaluation.bins import TrainingBinEval
@@ -183,6 +184,7 @@ def main(argv=None) -> int:
         raw_model.compile()
 
     train_loader = make_train_loader(train_index, cfg.data, prep, world, rank, cfg.train.seed, start_step)
+    to_model_input = DeviceAugment(train_loader.dataset, device, cfg.model.channels_last)  # uint8 -> augmented floats
     steps_per_epoch = train_loader.batch_sampler.steps_per_epoch
     log = MetricsLog(output_dir, start_step, is_main)
     bin_eval = TrainingBinEval(cfg.eval.bins, prep, cfg.eval.batch_size, cfg.data.num_workers)  # eval.bins: <set>_acc
@@ -199,7 +201,7 @@ def main(argv=None) -> int:
                                       cfg.train.seed + 1, start_step=0)
             batches = itertools.islice(recal, cfg.eval.bn_recal_batches)
             with accelerator.autocast():
-                recalibrate_batchnorm(eval_model, (images.to(device) for images, _ in batches))
+                recalibrate_batchnorm(eval_model, (to_model_input(batch)[0] for batch in batches))
         return eval_model.eval()
 
     def evaluate(eval_model, step: int) -> dict:
@@ -251,10 +253,7 @@ def main(argv=None) -> int:
     progress = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not is_main, desc="train")
     tick = time.perf_counter()
     while step < cfg.train.max_steps:
-        images, labels = next(batches)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if cfg.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, labels = to_model_input(next(batches))
         data_wait = time.perf_counter() - tick
 
         with accelerator.autocast():

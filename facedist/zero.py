@@ -77,7 +77,7 @@ def configure(accelerator, cfg, optimizer) -> None:
     if cfg.train.mixed_precision == "fp16":
         raise SystemExit("train.mixed_precision: fp16 is not supported with DeepSpeed, use bf16 or no "
                          "(DeepSpeed's loss scaler skips steps facedist would count as non-finite)")
-    per_process = cfg.data.classes_per_batch * cfg.data.images_per_class
+    per_process = cfg.data.images_per_step()
     ds["train_micro_batch_size_per_gpu"] = per_process
     ds["gradient_accumulation_steps"] = 1
     ds["train_batch_size"] = per_process * accelerator.num_processes

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU-only checks in one command, for a lent GPU machine (see ../shared/GPU.md): mixed-precision
 # training runs (bf16, fp16 with loss scaling), training throughput (bf16, channels_last, compile on/off,
-# against the ImageFolder + MPerClassSampler baseline) and the sharded head at 10k..1M identities.
+# against the ImageFolder + MPerClassSampler baseline), the input pipeline (CPU vs nvJPEG decode) and the
+# sharded head at 10k..1M identities.
 # Writes JSON and logs under $OUT (default runs/gpu_checks). Commit the figures with the device name.
 #   bash launch/gpu_checks.sh                 # on the GPU machine, from the repository root
 #   SMALL=1 bash launch/gpu_checks.sh         # a few steps of everything (also on a CPU: checks the script)
@@ -44,6 +45,19 @@ for variant in "train.mixed_precision=bf16" "train.mixed_precision=bf16 model.ch
     --out "$out/bench_train_$name.json" "${overrides[@]}" $variant > "$out/bench_train_$name.log" 2>&1 \
     || echo "bench train $variant FAILED"
 done
+
+# 2b. input pipeline (issue 13): images/s per core with the device step on the GPU, CPU vs nvJPEG decode, and
+# the training step at 112 px in bf16, end to end (data.decode=gpu) against model only (goal >= 0.9)
+for px in 112 224; do
+  for decode in cpu gpu; do
+    $py -m facedist.bench data --config configs/seed_2000.yaml --shards "$shards" --image-size "$px" --device cuda \
+      --out "$out/bench_data_${px}_$decode.json" "data.decode=$decode" > "$out/bench_data_${px}_$decode.log" 2>&1 \
+      || echo "bench data $px $decode FAILED"
+  done
+done
+$py -m facedist.bench train --config configs/seed_2000.yaml --steps "$bench_steps" --folder "$out/faces" \
+  --out "$out/bench_train_112_bf16_gpu_decode.json" "${overrides[@]}" model.image_size=112 train.mixed_precision=bf16 \
+  data.decode=gpu > "$out/bench_train_112_bf16_gpu_decode.log" 2>&1 || echo "bench train 112 bf16 gpu decode FAILED"
 
 # 3. the sharded head: memory per rank and step time, one GPU (more GPUs: --world-sizes 1,2,...)
 $py -m facedist.bench head --classes "$classes" --rates 1.0,0.1 --steps 5 --out "$out/bench_head.json" \

@@ -97,3 +97,18 @@ def test_images_per_step_follows_the_sampler():
     assert load_config(None, ["data.classes_per_batch=3", "data.images_per_class=5"]).data.images_per_step() == 15
     cfg = load_config(None, ["data.sampler=random", "data.batch_size=12", "loss.pair=none", "loss.head=arcface"])
     assert cfg.data.images_per_step() == 12
+
+
+@pytest.mark.parametrize("key", ["brightness", "contrast", "saturation", "gamma", "rotation", "translate"])
+def test_negative_augmentation_strengths_are_refused_in_one_line(key):
+    with pytest.raises(ConfigError, match=f"data.augment.{key}: must be >= 0"):
+        load_config(overrides=[f"data.augment.{key}=-0.1"])
+    with pytest.raises(ConfigError, match="data.augment.gamma: must be < 1"):
+        load_config(overrides=["data.augment.gamma=1"])
+
+
+def test_checkpoint_configs_with_color_jitter_still_load():
+    values = Config().to_dict()
+    values["data"]["augment"] = {"hflip": True, "rotation": 15.0, "crop_scale_min": 0.8, "color_jitter": 0.2}
+    augment = config_from_dict(values).data.augment
+    assert (augment.brightness, augment.contrast, augment.saturation, augment.gamma) == (0.2, 0.2, 0.2, 0.0)

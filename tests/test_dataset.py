@@ -6,15 +6,22 @@ import torch
 from PIL import Image
 
 from facedist.config import AugmentConfig, DataConfig
-from facedist.data.dataset import FaceDataset, build_transforms, make_eval_loader, make_train_loader
+from facedist.data.dataset import FaceDataset, collate_train, make_eval_loader, make_train_loader
+from facedist.data.device_augment import DeviceAugment
 from facedist.data.index import ShardIndex
+from facedist.data.shards import ShardError
 from facedist.inference import preprocess
 
-PREP = {"image_size": 24, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+PREP = {"image_size": 24, "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3]}
+# every option on: warp (crop, shift, rotation, flip) and all photometric factors, gamma's table included
+FULL = AugmentConfig(crop_scale_min=0.8, translate=0.05, rotation=15, brightness=0.2, contrast=0.2, saturation=0.2,
+                     gamma=0.2)
 
 
 class FakeIndex:
-    """ShardIndex's reading API over PNGs made here: 6 identities, uneven image counts."""
+    """ShardIndex's reading API over PNGs made here: 6 identities, uneven image counts, 24 px like PREP."""
+
+    root, image_size, image_format = "fake", 24, "png"
 
     def __init__(self):
         sizes = [3, 5, 2, 4, 6, 3]
@@ -25,58 +32,83 @@ class FakeIndex:
         self._images = []
         for _ in range(self.num_samples):
             buffer = io.BytesIO()
-            Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(buffer, "PNG")
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(buffer, "PNG")
             self._images.append(buffer.getvalue())
 
     def read_image_bytes(self, i):
         return self._images[i]
 
+    def sample_name(self, i):
+        return f"fake sample {i}"
+
+
+def _model_input(loader_or_dataset, batch):
+    dataset = getattr(loader_or_dataset, "dataset", loader_or_dataset)
+    return DeviceAugment(dataset, "cpu")(batch)
+
 
 def test_augmentation_is_keyed_by_aug_seed_only():
-    index = FakeIndex()
-    dataset = FaceDataset(index, build_transforms(AugmentConfig(), 24, PREP["mean"], PREP["std"], train=True))
-    a, label = dataset[(4, 123)]
+    dataset = FaceDataset(FakeIndex(), PREP, FULL)
+    a = _model_input(dataset, collate_train([dataset[(4, 123)]]))[0]
     torch.manual_seed(999)  # the global RNG must not matter
+    np.random.seed(5)
     state = torch.get_rng_state()
-    b, _ = dataset[(4, 123)]
+    b, labels = _model_input(dataset, collate_train([dataset[(4, 123)]]))
     assert torch.equal(torch.get_rng_state(), state)  # nor be disturbed
-    c, _ = dataset[(4, 124)]
-    assert a.shape == (3, 24, 24) and label == 1
+    c = _model_input(dataset, collate_train([dataset[(4, 124)]]))[0]
+    assert a.shape == (1, 3, 24, 24) and labels.tolist() == [1]
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_eval_transform_resizes_and_normalises_like_inference():
+def test_eval_items_are_normalised_exactly_like_inference():
     index = FakeIndex()
-    dataset = FaceDataset(index, build_transforms(AugmentConfig(), 24, PREP["mean"], PREP["std"], train=False))
-    image, _ = dataset[0]
+    image, _ = FaceDataset(index, PREP)[0]
     decoded = Image.open(io.BytesIO(index.read_image_bytes(0)))
-    raw = torch.from_numpy(np.array(decoded.resize((24, 24), Image.BILINEAR)))
-    assert image.shape == (3, 24, 24)
-    expected = (raw.permute(2, 0, 1).float() / 255 - 0.5) / 0.25
-    assert (image - expected).abs().mean() < 0.05
+    raw = torch.from_numpy(np.array(decoded)).permute(2, 0, 1).float() / 255
+    expected = (raw - torch.tensor(PREP["mean"]).view(3, 1, 1)) / torch.tensor(PREP["std"]).view(3, 1, 1)
+    torch.testing.assert_close(image, expected, rtol=0, atol=1e-6)
     # the model is evaluated during training on exactly the tensors inference will feed it
-    torch.testing.assert_close(image, preprocess(decoded, PREP), rtol=1e-5, atol=1e-5)
+    assert torch.equal(image, preprocess(decoded, PREP))
+
+
+def test_un_augmented_training_batch_is_the_eval_tensor():
+    index = FakeIndex()
+    dataset = FaceDataset(index, PREP, AugmentConfig(hflip=False))
+    images, _ = _model_input(dataset, collate_train([dataset[(3, 9)], dataset[(5, 1)]]))
+    torch.testing.assert_close(images, torch.stack([dataset[3][0], dataset[5][0]]), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_train_loader_same_tensors_for_any_workers_and_world_size(workers):
     index = FakeIndex()
-    single = make_train_loader(index, DataConfig(classes_per_batch=4, images_per_class=2, num_workers=0), PREP, 1, 0, 7)
-    expected = [batch for _, batch in zip(range(3), single)]
-    cfg = DataConfig(classes_per_batch=2, images_per_class=2, num_workers=workers)
+    single = make_train_loader(index, DataConfig(classes_per_batch=4, images_per_class=2, num_workers=0, augment=FULL),
+                               PREP, 1, 0, 7)
+    expected = [_model_input(single, batch) for _, batch in zip(range(3), single)]
+    cfg = DataConfig(classes_per_batch=2, images_per_class=2, num_workers=workers, augment=FULL)
     ranks = [make_train_loader(index, cfg, PREP, 2, r, 7) for r in range(2)]
     for (images, labels), parts in zip(expected, zip(*ranks)):
-        assert torch.equal(images, torch.cat([p[0] for p in parts]))
+        parts = [_model_input(ranks[0], p) for p in parts]
+        assert parts[0][0].dtype == torch.float32
+        assert torch.equal(images, torch.cat([p[0] for p in parts]))  # bit-exact, photometric included
         assert torch.equal(labels, torch.cat([p[1] for p in parts]))
+
+
+def test_batches_travel_as_uint8():
+    loader = make_train_loader(FakeIndex(), DataConfig(classes_per_batch=2, images_per_class=2, num_workers=0,
+                                                       augment=FULL), PREP, 1, 0, 1)
+    batch = next(iter(loader))
+    assert batch.images.dtype == torch.uint8 and batch.images.shape == (4, 24, 24, 3)
+    assert batch.gamma_tables.dtype == torch.uint8 and batch.photometric.shape == (4, 4)
 
 
 def test_train_loader_resumes_at_start_step():
     index = FakeIndex()
-    cfg = DataConfig(classes_per_batch=2, images_per_class=2, num_workers=0)
+    cfg = DataConfig(classes_per_batch=2, images_per_class=2, num_workers=0, augment=FULL)
     straight = [b for _, b in zip(range(4), make_train_loader(index, cfg, PREP, 1, 0, 3))]
     resumed = [b for _, b in zip(range(2), make_train_loader(index, cfg, PREP, 1, 0, 3, start_step=2))]
-    for (a, la), (b, lb) in zip(straight[2:], resumed):
-        assert torch.equal(a, b) and torch.equal(la, lb)
+    for a, b in zip(straight[2:], resumed):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+        assert torch.equal(a.photometric, b.photometric)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -98,9 +130,60 @@ def test_real_shards_train_and_eval(synth_shards):
     train, val = ShardIndex(synth_shards, "train"), ShardIndex(synth_shards, "val")
     prep = {**PREP, "image_size": train.image_size}
     loader = make_train_loader(train, DataConfig(classes_per_batch=3, images_per_class=2, num_workers=2), prep, 2, 1, 5)
-    images, labels = next(iter(loader))  # decoded in worker processes from the tars
+    batch = next(iter(loader))  # decoded in worker processes from the tars
     items = loader.batch_sampler.batch(0)
-    assert labels.tolist() == [int(train.labels[s]) for s, _ in items]
-    assert torch.equal(images, torch.stack([loader.dataset[item][0] for item in items]))  # same as in-process
+    assert batch.labels.tolist() == [int(train.labels[s]) for s, _ in items]
+    in_process = collate_train([loader.dataset[item] for item in items])
+    assert torch.equal(batch.images, in_process.images)
     seen = [s for rank in range(2) for _, _, b in make_eval_loader(val, prep, 5, 2, rank) for s in b.tolist()]
     assert sorted(seen) == list(range(val.num_samples))
+
+
+def test_other_size_shards_are_resized_alike_in_train_eval_and_inference(synth_shards, capsys):
+    from facedist.inference import ImageDataset, ShardImages
+
+    val = ShardIndex(synth_shards, "val")  # 32 px shards, a 48 px model
+    prep = {**PREP, "image_size": 48}
+    evaluated = torch.cat([images for images, _, _ in make_eval_loader(val, prep, 8)])
+    images = ShardImages(val, 48)
+    inferred = torch.stack([ImageDataset(images, prep)[i][0] for i in range(len(images))])
+    assert evaluated.shape[-2:] == (48, 48) and torch.equal(evaluated, inferred)
+    loader = make_train_loader(val, DataConfig(classes_per_batch=2, images_per_class=2, num_workers=0,
+                                               augment=AugmentConfig(hflip=False)), prep, 1, 0, 0)
+    batch = next(iter(loader))
+    trained = _model_input(loader, batch)[0]  # un-augmented training input = the eval tensor of the same sample
+    torch.testing.assert_close(trained, evaluated[batch.samples], rtol=0, atol=1e-5)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "resized" in line]
+    assert len(warnings) == 1 and "32x32" in warnings[0]  # once, whoever resizes
+
+
+def test_corrupt_image_names_shard_sample_and_cause(synth_shards, tmp_path):
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(synth_shards, copy)
+    index = ShardIndex(copy, "train")
+    row = index._rows[5]
+    path = copy / f"train-{int(row['shard']):06d}.tar"
+    data = bytearray(path.read_bytes())
+    offset, size = int(row["offset"]), int(row["size"])
+    data[offset + size // 2:offset + size] = b"\0" * (size - size // 2)  # the second half of the JPEG zeroed
+    path.write_bytes(bytes(data))
+    dataset = FaceDataset(ShardIndex(copy, "train"), {**PREP, "image_size": 32}, FULL)
+    for item in (5, (5, 1)):  # eval and train items
+        with pytest.raises(ShardError) as err:
+            dataset[item]
+        message = str(err.value)
+        assert str(path) in message and "sample 5" in message and "corrupt JPEG" in message and "\n" not in message
+
+
+def test_gpu_decode_falls_back_to_the_cpu_with_one_line(capsys):
+    index = FakeIndex()  # png shards, and no CUDA here: either reason falls back
+    cfg = DataConfig(classes_per_batch=2, images_per_class=2, num_workers=0, augment=FULL)
+    gpu = make_train_loader(index, DataConfig(**{**cfg.__dict__, "decode": "gpu"}), PREP, 1, 0, 3)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "data.decode=gpu" in line]
+    assert len(lines) == 1 and "decoding on the CPU" in lines[0]
+    cpu = make_train_loader(index, cfg, PREP, 1, 0, 3)
+    for a, b in zip(gpu, cpu):
+        assert torch.equal(_model_input(gpu, a)[0], _model_input(cpu, b)[0])
+        break

@@ -3,7 +3,8 @@
     python -m facedist.bench train --config configs/demo.yaml [--steps 30] [--folder FACES] [key=value ...]
 
 - model only: forward + loss + backward + optimizer step on random tensors already on the device.
-- data only: the facedist loader (shards -> decode -> augment) for one process, no model.
+- data only: the facedist loader (shards -> decode -> warp) and the device step (photometric, normalise) for
+  one process, no model.
 - end to end: the real trainer (`facedist/train.py`) for --steps steps; images/s from its metrics.jsonl.
 - baseline: the same model in the loop most people write first: torchvision ImageFolder + PIL
   transforms + pytorch-metric-learning's MPerClassSampler + fp32 + AdamW, from the identity folders.
@@ -24,6 +25,7 @@ import torch
 
 from facedist.config import load_config
 from facedist.data.dataset import make_train_loader
+from facedist.data.device_augment import DeviceAugment
 from facedist.data.index import ShardIndex
 from facedist.losses import Objective
 from facedist.model import build_model, preprocessing
@@ -79,11 +81,13 @@ def model_only(cfg, device, steps, warmup) -> float:
     return _timed(step, steps, warmup, batch, device)
 
 
-def data_only(cfg, steps, warmup) -> float:
+def data_only(cfg, device, steps, warmup) -> float:
     index = ShardIndex(cfg.data.shards, cfg.data.split_train)
     model = build_model(cfg.model, "cpu")
-    batches = iter(make_train_loader(index, cfg.data, preprocessing(model, cfg.model.image_size), 1, 0, cfg.train.seed, 0))
-    return _timed(lambda: next(batches), steps, warmup, cfg.data.images_per_step(), torch.device("cpu"))
+    loader = make_train_loader(index, cfg.data, preprocessing(model, cfg.model.image_size), 1, 0, cfg.train.seed, 0)
+    to_model_input, batches = DeviceAugment(loader.dataset, device, cfg.model.channels_last), iter(loader)
+    return _timed(lambda: to_model_input(next(batches)), steps, warmup, cfg.data.images_per_step(),
+                  device)
 
 
 def end_to_end(config, overrides, steps) -> float:
@@ -105,7 +109,7 @@ def baseline(cfg, folder: Path, device, steps, warmup) -> float:
     prep = preprocessing(model, cfg.model.image_size)
     transform = T.Compose([T.RandomResizedCrop(cfg.model.image_size, scale=(cfg.data.augment.crop_scale_min, 1.0)),
                            T.RandomHorizontalFlip(), T.RandomRotation(cfg.data.augment.rotation),
-                           T.ColorJitter(*(3 * [cfg.data.augment.color_jitter])), T.ToTensor(),
+                           T.ColorJitter(cfg.data.augment.brightness, cfg.data.augment.contrast, cfg.data.augment.saturation), T.ToTensor(),
                            T.Normalize(prep["mean"], prep["std"])])
     dataset = torchvision.datasets.ImageFolder(str(folder), transform=transform)
     P, M = cfg.data.classes_per_batch, cfg.data.images_per_class
@@ -141,7 +145,7 @@ def main(argv=None) -> int:
               "compile": cfg.model.compile, "batch": cfg.data.images_per_step(), "sampler": cfg.data.sampler,
               "image_size": cfg.model.image_size, "backbone": cfg.model.backbone}
     result["model_only_images_per_s"] = model_only(cfg, device, args.steps, args.warmup)
-    result["data_only_images_per_s"] = data_only(cfg, args.steps, args.warmup)
+    result["data_only_images_per_s"] = data_only(cfg, device, args.steps, args.warmup)
     result["end_to_end_images_per_s"] = end_to_end(args.config, args.overrides, args.steps + args.warmup)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.folder) if args.folder else None

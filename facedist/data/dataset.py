@@ -1,24 +1,28 @@
-"""Images from shards for training and evaluation: decode, augment (keyed randomness), normalise, batch.
+"""Images from shards for training and evaluation: read, decode, one warp (CPU); batches travel as uint8.
 
-Decoding and augmentation run in DataLoader workers. Augmentation randomness comes only from the
-item's aug_seed (see sampler.py), never from a worker's or rank's RNG, so a batch is the same tensor
-whatever `data.num_workers` and however many processes train.
+Training: a worker reads and decodes each image and applies its ONE geometric warp (facedist/data/augment.py),
+so a batch leaves the worker as uint8 [B, S, S, 3] with each item's photometric factors; photometric
+augmentation, float conversion and normalisation run on the whole batch on the training device
+(facedist/data/device_augment.py). With `data.decode=gpu` the worker only reads: the encoded JPEGs and
+their warp go to the device (facedist/data/gpu_decode.py). Randomness comes only from the item's aug_seed
+(see sampler.py), never from a worker's or rank's RNG, so a batch is the same whatever `data.num_workers`
+and however many processes train. Evaluation items are un-augmented normalised floats, as inference makes them.
 """
 
 from __future__ import annotations
 
-import io
+import sys
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-import facedist  # noqa: F401  (torchvision compat before torchvision)
-from torchvision.transforms import v2
-
 from facedist.config import AugmentConfig, DataConfig
+from facedist.data import augment as aug
+from facedist.data.decode import DecodeError, decode_rgb, to_model_size
 from facedist.data.sampler import make_batch_sampler
+from facedist.data.shards import ShardError
 
 # Workers are forked from a clean single-threaded server, not from the trainer: a fork while another
 # thread holds CPython's thread-state lock (TensorBoard's writer, queue feeders, tqdm's monitor) left an
@@ -32,53 +36,100 @@ def loader_kwargs(num_workers: int) -> dict:
             "multiprocessing_context": WORKER_START_METHOD if num_workers > 0 else None}
 
 
-def build_transforms(augment: AugmentConfig, image_size: int, mean, std, train: bool) -> v2.Compose:
-    """Train: random resized crop, flip, rotation, colour jitter; eval: resize. Both normalise."""
-    steps: list = [v2.ToImage()]
-    if train:
-        steps.append(v2.RandomResizedCrop(image_size, scale=(augment.crop_scale_min, 1.0), antialias=True))
-        if augment.hflip:
-            steps.append(v2.RandomHorizontalFlip())
-        if augment.rotation > 0:
-            steps.append(v2.RandomRotation(augment.rotation))
-        if augment.color_jitter > 0:
-            steps.append(v2.ColorJitter(augment.color_jitter, augment.color_jitter, augment.color_jitter))
-    else:
-        steps.append(v2.Resize((image_size, image_size), antialias=True))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    return v2.Compose(steps)
+def normalise(pixels: torch.Tensor, preprocessing: dict) -> torch.Tensor:
+    """uint8 [3, S, S] -> float, scaled to [0, 1] and normalised with the checkpoint's mean / std."""
+    mean = torch.tensor(preprocessing["mean"], dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(preprocessing["std"], dtype=torch.float32).view(3, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
+
+
+_warned_resize: set = set()
+
+
+def warn_if_resized(root, image_size: int, size: int) -> None:
+    """One line, once per shard folder and size, when shards are not at the model's size."""
+    if image_size != size and (str(root), size) not in _warned_resize:
+        _warned_resize.add((str(root), size))
+        print(f"facedist: {root} holds {image_size}x{image_size} images, the model takes {size}x{size}: each image "
+              f"is resized as the shard builder does (centre crop, bicubic); rebuild the shards at {size} px "
+              "to save that work", file=sys.stderr)
+
+
+class TrainBatch(NamedTuple):
+    """One rank's batch as it leaves the loader (pinned when CUDA is there); None: not used by this path."""
+
+    images: torch.Tensor | None  # [B, S, S, 3] uint8, already warped (CPU decode)
+    encoded: list | None  # B encoded JPEGs, uint8 tensors (GPU decode)
+    theta: torch.Tensor | None  # [B, 2, 3] float32 affine_grid theta of each warp (GPU decode)
+    labels: torch.Tensor  # [B] int64
+    photometric: torch.Tensor  # [B, 4] float32 factors (augment.PHOTOMETRIC)
+    gamma_tables: torch.Tensor | None  # [B, 256] uint8 (when data.augment.gamma > 0)
+    samples: torch.Tensor  # [B] int64 sample indices (to name a bad image)
 
 
 class FaceDataset(Dataset):
-    """Map-style over a ShardIndex; an item is a sample index, or (sample index, aug_seed) when augmenting."""
+    """Map-style over a ShardIndex. Item `sample`: (normalised float [3, S, S], label), un-augmented;
+    item `(sample, aug_seed)`: a training item for `collate_train` (warped uint8, or encoded bytes)."""
 
-    def __init__(self, index, transform):
-        self.index, self.transform = index, transform
+    def __init__(self, index, preprocessing: dict, augment: AugmentConfig | None = None, gpu_decode: bool = False):
+        self.index, self.preprocessing, self.gpu_decode = index, preprocessing, gpu_decode
+        self.augment = augment or AugmentConfig()
+        self.size = int(preprocessing["image_size"])
 
     def __len__(self) -> int:
         return self.index.num_samples
 
+    def sample_name(self, sample: int) -> str:
+        return self.index.sample_name(sample)
+
+    def decode(self, sample: int) -> np.ndarray:
+        """RGB uint8 [H, W, 3] of `sample`; one ShardError naming shard, sample and cause when it is damaged."""
+        try:
+            return decode_rgb(self.index.read_image_bytes(sample))
+        except DecodeError as err:
+            raise ShardError(f"{self.sample_name(sample)}: {err}") from None
+
     def __getitem__(self, item):
-        sample, aug_seed = item if isinstance(item, tuple) else (item, None)
-        image = Image.open(io.BytesIO(self.index.read_image_bytes(sample))).convert("RGB")
-        if aug_seed is None:
-            tensor = self.transform(image)
-        else:
-            # torchvision draws from the global CPU RNG: key it, then restore it. Seed the CPU generator
-            # only (torch.manual_seed would also reseed CUDA's RNG, which fork_rng(devices=[]) leaves changed)
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(aug_seed)
-                tensor = self.transform(image)
-        return tensor, int(self.index.labels[sample])
+        if not isinstance(item, tuple):
+            pixels = to_model_size(self.decode(item), self.size)
+            return normalise(torch.from_numpy(pixels).permute(2, 0, 1), self.preprocessing), int(self.index.labels[item])
+        sample, aug_seed = item
+        label = int(self.index.labels[sample])
+        if self.gpu_decode:
+            source = (self.index.image_size, self.index.image_size)
+            draw = aug.draw(aug_seed, self.augment, source, self.size)
+            encoded = torch.frombuffer(bytearray(self.index.read_image_bytes(sample)), dtype=torch.uint8)
+            return None, encoded, aug.grid_theta(draw.matrix, source, self.size), label, draw, sample
+        # the image-size rule first (as eval and inference do), then the warp at the model's size
+        pixels = to_model_size(self.decode(sample), self.size)
+        draw = aug.draw(aug_seed, self.augment, pixels.shape[:2], self.size)
+        return aug.warp(pixels, draw.matrix, self.size), None, None, label, draw, sample
+
+
+def collate_train(items) -> TrainBatch:
+    images, encoded, theta, labels, draws, samples = zip(*items)
+    gamma = (torch.from_numpy(np.stack([aug.gamma_table(d.photometric[3]) for d in draws]))
+             if any(d.photometric[3] != 1 for d in draws) else None)
+    return TrainBatch(
+        images=torch.from_numpy(np.stack(images)) if images[0] is not None else None,
+        encoded=list(encoded) if encoded[0] is not None else None,
+        theta=torch.from_numpy(np.stack(theta)).float() if theta[0] is not None else None,
+        labels=torch.tensor(labels, dtype=torch.int64),
+        photometric=torch.from_numpy(np.stack([d.photometric for d in draws])),
+        gamma_tables=gamma, samples=torch.tensor(samples, dtype=torch.int64))
 
 
 def make_train_loader(index, cfg: DataConfig, preprocessing: dict, world_size: int, rank: int, seed: int,
                       start_step: int = 0) -> DataLoader:
-    """Endless loader of this rank's (images, labels) per step, starting at `start_step`."""
+    """Endless loader of this rank's TrainBatch per step, starting at `start_step`; turn each into model
+    input with `device_augment.DeviceAugment(loader.dataset, device)`."""
+    from facedist.data import gpu_decode
+
     sampler = make_batch_sampler(index, cfg, world_size, rank, seed, start_step)
-    transform = build_transforms(cfg.augment, preprocessing["image_size"], preprocessing["mean"],
-                                 preprocessing["std"], train=True)
-    return DataLoader(FaceDataset(index, transform), batch_sampler=sampler,
+    use_gpu = cfg.decode == "gpu" and gpu_decode.use_gpu_decode(index.image_format)
+    warn_if_resized(index.root, index.image_size, int(preprocessing["image_size"]))
+    dataset = FaceDataset(index, preprocessing, cfg.augment, gpu_decode=use_gpu)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_train,
                       prefetch_factor=4 if cfg.num_workers else None, **loader_kwargs(cfg.num_workers))
 
 
@@ -104,9 +155,8 @@ def make_eval_loader(index, preprocessing: dict, batch_size: int, world_size: in
                      max_images: int = 0, num_workers: int = 0, samples=None) -> DataLoader:
     """(images, labels, sample indices) of this rank's share of the split (or of `samples` when given),
     un-augmented; gather across ranks after."""
-    transform = build_transforms(AugmentConfig(), preprocessing["image_size"], preprocessing["mean"],
-                                 preprocessing["std"], train=False)
+    warn_if_resized(index.root, index.image_size, int(preprocessing["image_size"]))
     if samples is None:
         samples = eval_samples(index, world_size, rank, max_images)
-    items = _EvalItems(FaceDataset(index, transform), np.asarray(samples))
+    items = _EvalItems(FaceDataset(index, preprocessing), np.asarray(samples))
     return DataLoader(items, batch_size=batch_size, **loader_kwargs(num_workers))

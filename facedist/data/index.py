@@ -57,6 +57,11 @@ class ShardIndex:
             raise ShardError(f"{self._shard_paths[row['shard']]}: short read for sample {i} (truncated shard?)")
         return data
 
+    def sample_name(self, i: int) -> str:
+        """Where sample `i` lives, for error messages: its shard file, split, row and byte offset."""
+        row = self._rows[i]
+        return f"{self._shard_paths[int(row['shard'])]} (split {self.split!r} sample {i}, byte offset {int(row['offset'])})"
+
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():  # forked (DataLoader worker): open our own, never close the parent's
             self._fds, self._pid = {}, os.getpid()
