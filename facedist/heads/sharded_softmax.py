@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from facedist import distributed
+from facedist.distributed import SumOverRanks
 from facedist.heads import margins
 from facedist.heads.checkpoint import RowShardedModule
 
@@ -73,21 +74,8 @@ class GatherRows(torch.autograd.Function):
         return grad[ctx.start:ctx.stop] * ctx.grad_scale, None, None, None
 
 
-class SumOverRanks(torch.autograd.Function):
-    """All-reduce sum with an identity backward: every rank computes the same function of the sum, so the
-    gradient of its own contribution is the gradient of the sum."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        return distributed.all_reduce(tensor.clone(), "sum")
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad
-
-
 def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, grad_scale: float):
-    """(global rows [N, ...], global labels [N], this rank's slice of them) in rank order."""
+    """(global rows [N, ...], global labels [N], this rank's slice of them) in rank order; any row counts."""
     counts = distributed.gather_rows(torch.tensor([embeddings.shape[0]], device=labels.device))
     start = int(counts[: distributed.rank()].sum())
     own = slice(start, start + embeddings.shape[0])
@@ -141,9 +129,15 @@ class ShardedMarginHead(RowShardedModule):
         return self.num_rows
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows (any count per rank); the training step gathers once for every loss instead and
+        calls `global_loss`."""
         x, y, _ = gather_batch(F.normalize(embeddings.float(), dim=1), labels.long(), self.gather_grad_scale)
-        start, stop = self.row_start, self.row_stop
+        return self.global_loss(x, y, step)
 
+    def global_loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, value) of the gathered global batch: x [N, D] normalised fp32, labels y [N]. Masks select the
+        targets this rank owns, so nothing waits on the host; two all-reduces (row max; exp-sum and targets)."""
+        start, stop = self.row_start, self.row_stop
         kept, num_kept = None, self.num_classes
         if self.sample_rate < 1:
             kept = sampled_classes(y, self.num_classes, self.sample_rate, self.seed, step)
@@ -155,34 +149,34 @@ class ShardedMarginHead(RowShardedModule):
         inverse_norm = centres.norm(dim=1).clamp_min(1e-12).reciprocal()
         cos = (x.to(self.matmul_dtype) @ centres.to(self.matmul_dtype).T).float() * inverse_norm  # [N, kept local]
 
-        # targets this rank owns: cosine recomputed in fp32, margin applied here
-        rows = torch.nonzero((y >= start) & (y < stop)).squeeze(1)
-        cols = y[rows] - start
-        if kept is not None:
-            cols = torch.searchsorted(kept, cols)
-        target_cos = (x[rows] * centres[cols]).sum(1) * inverse_norm[cols]
+        # targets this rank owns (a mask, not an index list): cosine recomputed in fp32, margin applied here
+        owned = (y >= start) & (y < stop)
+        target_row = (y - start).clamp(0, stop - start - 1)
+        target_col = target_row if kept is None else torch.searchsorted(kept, target_row).clamp(max=max(len(kept) - 1, 0))
+        target_cos = (x * self.weight[target_row]).sum(1) * self.weight[target_row].norm(dim=1).clamp_min(1e-12).reciprocal()
+        is_target = owned[:, None] & (torch.arange(cos.shape[1], device=y.device) == target_col[:, None])
 
         if self.adacos_dynamic:
-            self._update_adacos_scale(cos, rows, cols, target_cos, num_kept)
+            self._update_adacos_scale(cos, is_target, owned, target_cos, num_kept)
         s = self.scale
         target_logit = s * self.margin(target_cos, step)
-        logits = (s * cos).index_put((rows, cols), target_logit)
+        logits = torch.where(is_target, target_logit[:, None], s * cos)
 
         # global softmax cross-entropy: log sum_j exp(l_j) - l_target, summed over the ranks' columns
         local_max = logits.detach().amax(1) if logits.shape[1] else logits.new_full((logits.shape[0],), -math.inf)
         row_max = distributed.all_reduce(local_max, "max")
-        exp_sum = SumOverRanks.apply(torch.exp(logits - row_max[:, None]).sum(1))
-        target = SumOverRanks.apply(torch.zeros_like(row_max).index_put((rows,), target_logit))
+        exp_sum, target = SumOverRanks.apply(torch.stack([torch.exp(logits - row_max[:, None]).sum(1),
+                                                          torch.where(owned, target_logit, 0.0)]))
         loss = (torch.log(exp_sum) + row_max - target).mean()
         return loss, loss.detach()
 
     @torch.no_grad()
-    def _update_adacos_scale(self, cos, rows, cols, target_cos, num_kept: int) -> None:
+    def _update_adacos_scale(self, cos, is_target, owned, target_cos, num_kept: int) -> None:
         """AdaCos' dynamic s from global statistics. With sampling, each sample saw num_kept - 1 of its C - 1
         negatives: their exp-sum is scaled up by (C - 1) / (num_kept - 1)."""
-        negatives = torch.exp(self.scale * cos).index_put((rows, cols), torch.zeros_like(target_cos))
-        exp_sum = distributed.all_reduce(negatives.sum(1), "sum")
-        target = distributed.all_reduce(torch.zeros_like(exp_sum).index_put((rows,), target_cos), "sum")
+        negatives = torch.where(is_target, 0.0, torch.exp(self.scale * cos))
+        exp_sum, target = distributed.all_reduce(torch.stack([negatives.sum(1), torch.where(owned, target_cos, 0.0)]),
+                                                 "sum")
         mean_exp_sum = exp_sum.mean() * (self.num_classes - 1) / max(num_kept - 1, 1)
         median_angle = torch.median(torch.acos(target.clamp(-1.0, 1.0)))
         self.scale.copy_(margins.adacos_dynamic_scale(mean_exp_sum, median_angle))
