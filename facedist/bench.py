@@ -1,4 +1,4 @@
-"""Benchmarks that print figures (JSON), never pass/fail: `python -m facedist.bench {shards,train,head,eval} ...`."""
+"""Benchmarks that print figures (JSON), never pass/fail: `python -m facedist.bench {shards,train,head,eval,loss} ...`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ BENCHMARKS = {
     "train": "training images/s: model only, data only, end to end, and a plain baseline loop",
     "head": "sharded margin head: memory per rank and step time for 10k..1M identities",
     "eval": "1:1 verification: pairs scored per second for 10k and 50k embeddings",
+    "loss": "pair losses over a global batch of 1,024 / 4,096: peak memory and time per rank",
 }
 
 
