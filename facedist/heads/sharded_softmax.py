@@ -84,15 +84,24 @@ def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, grad_scale: flo
     return GatherRows.apply(embeddings, own.start, own.stop, grad_scale), distributed.gather_rows(labels), own
 
 
+def sampled_class_mask(labels: torch.Tensor, num_classes: int, sample_rate: float, seed: int, step: int) -> torch.Tensor:
+    """Bool [C]: every class in `labels` plus random others, max(batch classes, ceil(rate * C)) in all,
+    chosen on the device without a host read (a fixed-size top-k, then a mask of its first `count`)."""
+    device = labels.device
+    target = math.ceil(sample_rate * num_classes)
+    if target >= num_classes:
+        return torch.ones(num_classes, dtype=torch.bool, device=device)
+    present = torch.zeros(num_classes, dtype=torch.bool, device=device).index_fill_(0, labels, True)
+    scores = torch.rand(num_classes, device=device, generator=generator(device, seed, 1, step))
+    scores = torch.where(present, 2.0, scores)  # above any random score: batch classes are always kept
+    top = torch.topk(scores, min(num_classes, max(target, labels.numel()))).indices  # descending scores
+    count = present.sum().clamp(min=target)
+    return torch.zeros_like(present).index_put_((top,), torch.arange(len(top), device=device) < count)
+
+
 def sampled_classes(labels: torch.Tensor, num_classes: int, sample_rate: float, seed: int, step: int) -> torch.Tensor:
-    """Sorted class ids kept this step: every class in `labels` plus random others, ceil(rate * C) in all."""
-    positives = torch.unique(labels)
-    count = max(positives.numel(), math.ceil(sample_rate * num_classes))
-    if count >= num_classes:
-        return torch.arange(num_classes, device=labels.device)
-    scores = torch.rand(num_classes, device=labels.device, generator=generator(labels.device, seed, 1, step))
-    scores[positives] = 2.0  # above any random score: batch classes are always kept
-    return torch.topk(scores, count).indices.sort().values
+    """Sorted class ids of `sampled_class_mask` (reads the count on the host)."""
+    return torch.nonzero(sampled_class_mask(labels, num_classes, sample_rate, seed, step)).squeeze(1)
 
 
 class ShardedMarginHead(RowShardedModule):
@@ -136,13 +145,15 @@ class ShardedMarginHead(RowShardedModule):
 
     def global_loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, value) of the gathered global batch: x [N, D] normalised fp32, labels y [N]. Masks select the
-        targets this rank owns, so nothing waits on the host; two all-reduces (row max; exp-sum and targets)."""
+        targets this rank owns, so nothing waits on the host (with class sampling: one read of the kept counts);
+        two all-reduces (row max; exp-sum and targets)."""
         start, stop = self.row_start, self.row_stop
         kept, num_kept = None, self.num_classes
         if self.sample_rate < 1:
-            kept = sampled_classes(y, self.num_classes, self.sample_rate, self.seed, step)
-            num_kept = kept.numel()
-            kept = kept[(kept >= start) & (kept < stop)] - start
+            mask = sampled_class_mask(y, self.num_classes, self.sample_rate, self.seed, step)
+            # the one host read sampling needs: how many columns this rank's logits have
+            num_kept, num_local = torch.stack([mask.sum(), mask[start:stop].sum()]).tolist()
+            kept = torch.nonzero_static(mask[start:stop], size=num_local).squeeze(1)
         self.touched_rows = kept
         centres = self.weight if kept is None else self.weight[kept]
         # columns divided by the centre norms: cheaper than normalising (and back-propagating through) [C/W, D]
