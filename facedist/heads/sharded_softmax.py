@@ -5,15 +5,18 @@ Rank r owns the contiguous class block [r*C//W, (r+1)*C//W) (C need not divide b
 1. all-gather the local embeddings (normalised, fp32) into the global batch X [N, D]. The gather is
    differentiable: its backward sums every rank's gradient of X (each holds the part that flows through
    its own classes) and hands rank r the rows of its own samples, multiplied by `gather_grad_scale`
-   (= W by default, because DDP then averages the backbone's gradients over the W ranks);
+   (= W by default, because DDP then averages the backbone's gradients over the W ranks). `forward` takes
+   any row counts per rank; the training step gathers once for head and pair loss with fixed-size
+   `distributed.gather_step_batch` (its backward a reduce-scatter) and calls `global_loss`;
 2. choose the classes of this step: all of them, or with loss.sample_rate < 1 every class of the global
    batch plus random negatives up to ceil(rate * C), a pure function of (seed, step, global labels), so
    every rank and any W pick the same set;
 3. local logits s * cos(X, kept local centres) -- the one matmul, which may run in bf16/fp16;
 4. the rank owning a sample's class recomputes its target cosine in fp32, applies the margin
-   (facedist.heads.margins) and puts s * margin(cos) in place of the target logit;
+   (facedist.heads.margins) and puts s * margin(cos) in place of the target logit (selected by masks,
+   not index lists, so nothing waits on the host);
 5. cross-entropy with a global softmax: the row max is all-reduced (max), the sum of exponentials and the
-   target logits are all-reduced (sum) with an identity backward, so every rank holds the same global
+   target logits are all-reduced (sum, one [2, N] tensor) with an identity backward, so every rank holds the same global
    mean loss and each rank's backward yields exact gradients for its own centres and its share of X.
 Dynamic AdaCos takes its statistics (mean negative exp-sum, median target angle) over all ranks.
 
