@@ -105,6 +105,7 @@ class EvalConfig:
     max_images: int = 0  # 0: the whole validation split
     batch_size: int = 64
     bn_recal_batches: int = 8  # ScheduleFree: batches to re-estimate BN statistics at the eval weights
+    bins: list[str] = field(default_factory=list)  # verification .bin sets (lfw.bin, ...): `<set>_acc` every `every` steps
 
 
 @dataclass
@@ -149,6 +150,10 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, inner[0], value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(key, args[0], v) for v in value]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
@@ -242,6 +247,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"loss.miner={cfg.loss.miner}: mines triplets for loss.pair=triplet, not {cfg.loss.pair}")
     if cfg.loss.adarand and not cfg.model.pretrained:
         raise ConfigError("loss.adarand: regularises fine-tuning toward pretrained features; set model.pretrained")
+    names = [Path(path).stem for path in cfg.eval.bins]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"eval.bins: two sets share a name ({', '.join(names)}); each logs as <file stem>_acc")
+    if cfg.eval.bins and cfg.eval.every == 0:
+        raise ConfigError("eval.bins: evaluated every eval.every steps, but eval.every is 0")
     if not 0.0 <= cfg.data.augment.crop_scale_min <= 1.0:
         raise ConfigError(f"data.augment.crop_scale_min: must be in [0, 1], got {cfg.data.augment.crop_scale_min}")
 
