@@ -126,8 +126,7 @@ def clip_grads_(params: Iterable[torch.Tensor], total_norm: torch.Tensor, max_no
     grads = [p.grad for p in params if p.grad is not None]
     if max_norm <= 0 or not grads:
         return
-    scale = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-    scale = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))
+    scale = torch.where(torch.isfinite(total_norm), (max_norm / (total_norm + 1e-6)).clamp(max=1.0), 1.0)
     for device_grads in _by_device(grads).values():
         torch._foreach_mul_(device_grads, scale.to(device_grads[0].device))
 
