@@ -1,4 +1,4 @@
-"""Benchmarks that print figures (JSON), never pass/fail: `python -m facedist.bench {shards,train,head,data,eval,model} ...`."""
+"""Benchmarks that print figures (JSON), never pass/fail: `python -m facedist.bench {shards,train,head,data,eval,model,loss} ...`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ BENCHMARKS = {
     "data": "training input pipeline per core (read, decode, warp, device step) vs the previous pipeline",
     "eval": "1:1 verification: pairs scored per second for 10k and 50k embeddings",
     "model": "parameters and FLOPs/MACs of embedding models (torch's flop counter)",
+    "loss": "pair losses over a global batch of 1,024 / 4,096: peak memory and time per rank",
 }
 
 

@@ -269,6 +269,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("loss.pair and loss.head are both 'none': choose at least one loss")
     if cfg.loss.pair != "none" and cfg.data.images_per_class < 2:
         raise ConfigError(f"data.images_per_class: pair losses need >= 2 images per class, got {cfg.data.images_per_class}")
+    if cfg.loss.miner != "none" and cfg.loss.pair != "triplet":
+        raise ConfigError(f"loss.miner={cfg.loss.miner}: mines triplets for loss.pair=triplet, not {cfg.loss.pair}")
     if cfg.loss.adarand and not (cfg.model.pretrained or cfg.model.init_from):
         raise ConfigError("loss.adarand: regularises fine-tuning toward pretrained features; set model.pretrained "
                           "or model.init_from")

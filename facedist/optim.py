@@ -140,20 +140,35 @@ def grad_norm_squared(params: Iterable[torch.Tensor]) -> torch.Tensor:
     grads = [p.grad.detach().float() for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.stack([g.pow(2).sum() for g in grads]).sum()
+    return torch.stack(torch._foreach_norm(grads)).square().sum()
+
+
+def clip_grads_(params: Iterable[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
+    """Scale gradients so `total_norm` becomes at most `max_norm`, on the device (no host read): a
+    non-finite norm leaves them as they are (that step is skipped)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if max_norm <= 0 or not grads:
+        return
+    scale = torch.where(torch.isfinite(total_norm), (max_norm / (total_norm + 1e-6)).clamp(max=1.0), 1.0)
+    for device_grads in _by_device(grads).values():
+        torch._foreach_mul_(device_grads, scale.to(device_grads[0].device))
+
+
+def _by_device(tensors: list[torch.Tensor]) -> dict:
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return groups
 
 
 def clip_grad_norm_(replicated: list[torch.Tensor], sharded: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Clip by one global norm: replicated (DDP) gradients counted once, sharded head rows summed over ranks.
 
-    Returns the global norm before clipping (non-finite when any gradient is)."""
+    Returns the global norm before clipping (non-finite when any gradient is). The trainer gets the sharded
+    sum from its step's one flag all-reduce instead (`distributed.StepFlags`) and calls `clip_grads_`."""
     local = grad_norm_squared(sharded)
     if sharded:
         local = distributed.all_reduce(local.to(sharded[0].device), "sum")
     total = (grad_norm_squared(replicated).to(local.device) + local).sqrt()
-    if max_norm > 0 and torch.isfinite(total):
-        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for p in replicated + sharded:
-            if p.grad is not None:
-                p.grad.mul_(scale.to(p.grad.device))
+    clip_grads_(replicated + sharded, total, max_norm)
     return total

@@ -22,7 +22,6 @@ import dataclasses
 import itertools
 import json
 import resource
-import time
 
 import torch
 from accelerate import Accelerator
@@ -40,9 +39,10 @@ from facedist.evaluation.bins import TrainingBinEval
 from facedist.evaluation.report import evaluate_embeddings
 from facedist.losses import Objective
 from facedist.model import build_model, preprocessing
-from facedist.optim import (build_optimizer, clip_grad_norm_, current_lr, evaluation_state_dict, is_schedule_free,
-                            recalibrate_batchnorm)
+from facedist.optim import (build_optimizer, clip_grads_, current_lr, evaluation_state_dict, grad_norm_squared,
+                            is_schedule_free, recalibrate_batchnorm)
 from facedist.preemption import StopRequest, process_group_kwargs, requeue_if_slurm
+from facedist.throughput import StepTimer
 
 
 def parse_args(argv=None):
@@ -251,10 +251,11 @@ def main(argv=None) -> int:
     batches = iter(train_loader)
     nonfinite_in_a_row, step, stopping = 0, start_step, False
     progress = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not is_main, desc="train")
-    tick = time.perf_counter()
+    timer, flags = StepTimer(device), distributed.StepFlags(device)
     while step < cfg.train.max_steps:
-        images, labels = to_model_input(next(batches))
-        data_wait = time.perf_counter() - tick
+        timer.waiting_for_data()
+        images, labels = to_model_input(next(batches))  # uint8 batch -> augmented, normalised floats on the device
+        timer.data_ready()
 
         with accelerator.autocast():
             embeddings = model(images)
@@ -264,15 +265,21 @@ def main(argv=None) -> int:
             accelerator.unscale_gradients()
             for side_optimizer in side_optimizers:
                 accelerator.scaler.unscale_(side_optimizer)
-        # one global norm over backbone + head shards; AdaRand's means follow their own objective, unclipped
+        # one global norm over backbone + head shards (AdaRand's means follow their own objective, unclipped);
+        # the head's share, the finiteness flags and the stop request travel in ONE all-reduce, read once
+        backbone_norm_squared = (zero.backbone_grad_norm_squared(model) if zero.is_deepspeed(accelerator)
+                                 else grad_norm_squared(raw_model.parameters()))
+        head_norm_squared = flags.reduce(logged["loss"], backbone_norm_squared, grad_norm_squared(head_params),
+                                         stop.requested)
+        grad_norm = (backbone_norm_squared.to(device) + head_norm_squared).sqrt()
         if zero.is_deepspeed(accelerator):  # DeepSpeed clipped and stepped (or skipped) the backbone in backward
-            grad_norm = zero.global_grad_norm(model, clip_grad_norm_([], head_params, cfg.optim.grad_clip))
+            clip_grads_(head_params, head_norm_squared.sqrt(), cfg.optim.grad_clip)
         else:
-            grad_norm = clip_grad_norm_(list(raw_model.parameters()), head_params, cfg.optim.grad_clip)
-        loss_bad = not torch.isfinite(logged["loss"]).item()
-        if distributed.any_rank(loss_bad or not torch.isfinite(grad_norm).item(), device):
+            clip_grads_([*raw_model.parameters(), *head_params], grad_norm, cfg.optim.grad_clip)
+        flags.read()
+        if flags.loss_bad or flags.grad_bad:
             # skipped on every rank; an fp16 overflow with a finite loss is the scaler's business, not an error
-            if accelerator.scaler is not None and not distributed.any_rank(loss_bad, device):
+            if accelerator.scaler is not None and not flags.loss_bad:
                 accelerator.scaler.update(accelerator.scaler.get_scale() * accelerator.scaler.get_backoff_factor())
             else:
                 nonfinite_in_a_row += 1
@@ -297,16 +304,14 @@ def main(argv=None) -> int:
         step += 1
         progress.update(1)
 
-        elapsed = time.perf_counter() - tick
         record = None
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            record = {"step": step, "epoch": (step - 1) // steps_per_epoch,
-                      **{k: float(v) for k, v in logged.items()}, "lr": current_lr(optimizer),
-                      "grad_norm": float(grad_norm), "images_per_s": len(labels) * world / elapsed,
-                      "data_wait_fraction": data_wait / elapsed, "memory_mb": memory_mb(device),
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:  # the only step that reads values
+            values = dict(zip([*logged, "grad_norm"], torch.stack([*logged.values(), grad_norm]).tolist()))
+            record = {"step": step, "epoch": (step - 1) // steps_per_epoch, **values, "lr": current_lr(optimizer),
+                      **timer.read(len(labels) * world), "memory_mb": memory_mb(device),
                       "nonfinite_in_a_row": nonfinite_in_a_row}
             progress.set_postfix(loss=f"{record['loss']:.4f}")
-        stopping = stop.should_stop(device)
+        stopping = stop.agree(flags.stop)
         eval_due = val_index is not None and (step % cfg.eval.every == 0 or step == cfg.train.max_steps)
         ckpt_due = stopping or step == cfg.train.max_steps or (cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0)
         if eval_due or ckpt_due:
@@ -322,7 +327,6 @@ def main(argv=None) -> int:
         if stopping:
             accelerator.print(f"stopped by {stop.signal_name} at step {step}; checkpoint written")
             break
-        tick = time.perf_counter()
 
     progress.close()
     log.close()

@@ -285,3 +285,60 @@ def test_init_from_a_backbone_file_and_a_bad_one(recipe_run, tmp_path):
                   f"model.init_from={tmp_path / 'partial.pth'}"], check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "model.init_from:" in proc.stderr and "missing keys ['conv1.weight'" in proc.stderr
+
+
+# --- what a GPU would wait on, per training step (tests/count_syncs.py counts it)
+MAX_SYNCS, MAX_COLLECTIVES = 4, 8
+COUNTED_RUNS = {"head_and_triplet": ["loss.head=arcface"], "triplet": [], "head": ["loss.pair=none", "loss.head=arcface"]}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_a_training_step_has_a_constant_number_of_syncs_and_collectives(shards, tmp_path, world):
+    """Steps 2-4 of 5 (step 3 logs; step 1 creates optimizer state, step 5 checkpoints) on every rank:
+    at most 4 device->host syncs and 8 collectives, whatever W (today's main: 6W + 7 syncs, 15 collectives)."""
+    common = [*TINY, f"data.shards={shards}", "data.classes_per_batch=2", "data.images_per_class=2",
+              "train.max_steps=5", "train.log_every=3"]
+    runs = []
+    for name, args in COUNTED_RUNS.items():
+        runs += ["--", name, *args, f"output_dir={tmp_path / name}"]
+    launcher = ([sys.executable] if world == 1 else
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(_port())])
+    proc = subprocess.run([*launcher, str(REPO / "tests" / "count_syncs.py"), str(tmp_path / "counts"), *common, *runs],
+                          env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in COUNTED_RUNS:
+        for rank in range(world):
+            steps = json.loads((tmp_path / "counts" / f"{name}_rank_{rank}.json").read_text())
+            assert len(steps) == 5
+            for step, counted in enumerate(steps[1:4], start=2):
+                syncs, collectives = sum(counted["syncs"].values()), sum(counted["collectives"].values())
+                assert syncs <= MAX_SYNCS, (name, rank, step, counted)
+                assert collectives <= MAX_COLLECTIVES, (name, rank, step, counted)
+                assert (collectives > 0) == (world > 1), (name, rank, step, counted)
+            assert sum(steps[3]["syncs"].values()) <= sum(steps[2]["syncs"].values())  # values read on logging steps
+
+
+def test_sync_counter_sees_what_pml_and_masks_do_in_cpp():
+    """The counter must catch host reads that never show in Python: PML's triplet loss (torch.where(mask),
+    boolean indexing), .tolist(), .item(); and must not count torch.optim's host-side step counters."""
+    from count_syncs import SyncCounter, _exclude_optimizer_step_counters
+    from pytorch_metric_learning import losses
+
+    counter = SyncCounter()
+    _exclude_optimizer_step_counters(counter)
+    embeddings, labels = torch.randn(8, 4, requires_grad=True), torch.arange(4).repeat(2)
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight])
+    weight.grad = torch.ones(3)
+    optimizer.step()  # creates the step counter
+    with counter:
+        losses.TripletMarginLoss()(embeddings, labels)
+    assert counter.counts["nonzero"] + counter.counts["index"] > 0, counter.counts
+    counter.counts.clear()
+    mask = embeddings[:, 0] > 0
+    with counter:
+        embeddings[mask], torch.where(mask), mask.sum().item(), mask.tolist()
+        optimizer.step()
+    assert counter.counts == {"index": 1, "nonzero": 1, "_local_scalar_dense": 1, "tolist": 1}, counter.counts
