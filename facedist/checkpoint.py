@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from facedist.config import config_from_dict
+from facedist.durable import fsync_directory
 
 CHECKPOINTS = "checkpoints"
 EMBEDDING_FILE = "model.safetensors"
@@ -73,6 +74,7 @@ def write_atomic(path: Path, write) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_directory(path.parent)
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -171,6 +173,7 @@ class CheckpointWriter:
             meta = {"format_version": FORMAT_VERSION, "step": step, **meta}
             write_atomic(partial / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
             os.replace(partial, final)
+            fsync_directory(final.parent)
             for old in list_checkpoints(self.output_dir)[: -self.keep] if self.keep > 0 else []:
                 shutil.rmtree(old)
         self.barrier()

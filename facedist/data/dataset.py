@@ -7,7 +7,12 @@ whatever `data.num_workers` and however many processes train.
 
 from __future__ import annotations
 
+import ctypes
 import io
+import signal
+import sys
+from multiprocessing import forkserver
+from multiprocessing.context import ForkServerContext, ForkServerProcess
 
 import numpy as np
 import torch
@@ -23,13 +28,52 @@ from facedist.data.sampler import ClassBalancedBatchSampler
 # Workers are forked from a clean single-threaded server, not from the trainer: a fork while another
 # thread holds CPython's thread-state lock (TensorBoard's writer, queue feeders, tqdm's monitor) left an
 # evaluation loader's worker deadlocked in PyOS_AfterFork_Child and the run hung (seen, Python 3.11).
-WORKER_START_METHOD = "forkserver"
+#
+# Stop signals: Slurm signals every process of a job step, workers and the fork server included; only
+# the trainer may decide to stop (facedist.preemption), so both ignore SIGUSR1/SIGTERM. A worker still
+# ends with its parent (PR_SET_PDEATHSIG; the fork server exits when the trainer does) and a hung one is
+# still ended by the DataLoader's terminate(), which sends SIGKILL here instead of the ignored SIGTERM.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+_PR_SET_PDEATHSIG = 1
+
+
+class _WorkerProcess(ForkServerProcess):
+    def terminate(self) -> None:  # SIGTERM is ignored by workers: end a hung one for sure
+        self.kill()
+
+
+class _WorkerContext(ForkServerContext):
+    Process = _WorkerProcess
+
+
+WORKER_CONTEXT = _WorkerContext()
+
+
+def _start_fork_server() -> None:
+    """Start the fork server with the stop signals blocked: it and every worker forked from it inherit the
+    mask (kept across exec and fork); a signal the trainer gets meanwhile waits for it, it is not lost."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _init_worker(worker_id: int) -> None:
+    for sig in STOP_SIGNALS:  # also for workers of another start method; torch set its own SIGTERM handler
+        signal.signal(sig, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def loader_kwargs(num_workers: int) -> dict:
-    """DataLoader arguments for `num_workers` worker processes (forkserver, see above)."""
+    """DataLoader arguments for `num_workers` worker processes (forkserver, stop signals ignored: see above).
+    Every DataLoader facedist creates takes these."""
+    if num_workers > 0:
+        _start_fork_server()
     return {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
-            "multiprocessing_context": WORKER_START_METHOD if num_workers > 0 else None}
+            "multiprocessing_context": WORKER_CONTEXT if num_workers > 0 else None,
+            "worker_init_fn": _init_worker if num_workers > 0 else None}
 
 
 def build_transforms(augment: AugmentConfig, image_size: int, mean, std, train: bool) -> v2.Compose:
