@@ -7,10 +7,12 @@ whatever `data.num_workers` and however many processes train.
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import io
+import os
+import select
 import signal
-import sys
+import threading
 from multiprocessing import forkserver
 from multiprocessing.context import ForkServerContext, ForkServerProcess
 
@@ -30,11 +32,12 @@ from facedist.data.sampler import ClassBalancedBatchSampler
 # evaluation loader's worker deadlocked in PyOS_AfterFork_Child and the run hung (seen, Python 3.11).
 #
 # Stop signals: Slurm signals every process of a job step, workers and the fork server included; only
-# the trainer may decide to stop (facedist.preemption), so both ignore SIGUSR1/SIGTERM. A worker still
-# ends with its parent (PR_SET_PDEATHSIG; the fork server exits when the trainer does) and a hung one is
+# the trainer may decide to stop (facedist.preemption), so both ignore SIGUSR1/SIGTERM. A hung worker is
 # still ended by the DataLoader's terminate(), which sends SIGKILL here instead of the ignored SIGTERM.
+# A worker's parent is the fork server, which lives as long as any worker does, so neither torch's
+# watchdog (it watches the parent) nor PR_SET_PDEATHSIG notice a dead trainer: each worker watches the
+# trainer itself (a pidfd) and exits with it.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-_PR_SET_PDEATHSIG = 1
 
 
 class _WorkerProcess(ForkServerProcess):
@@ -50,20 +53,30 @@ WORKER_CONTEXT = _WorkerContext()
 
 
 def _start_fork_server() -> None:
-    """Start the fork server with the stop signals blocked: it and every worker forked from it inherit the
-    mask (kept across exec and fork); a signal the trainer gets meanwhile waits for it, it is not lost."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    """Start the fork server with the stop signals ignored: it inherits SIG_IGN across exec, its workers
+    across fork. They are blocked meanwhile, so one that reaches the trainer then waits, it is not lost."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
     try:
         forkserver.ensure_running()
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
-def _init_worker(worker_id: int) -> None:
-    for sig in STOP_SIGNALS:  # also for workers of another start method; torch set its own SIGTERM handler
+def _exit_with(trainer: int) -> None:
+    try:
+        select.select([os.pidfd_open(trainer)], [], [])  # readable once the trainer has exited
+    except ProcessLookupError:  # already gone
+        pass
+    os._exit(1)
+
+
+def _init_worker(worker_id: int, trainer: int) -> None:
+    for sig in STOP_SIGNALS:  # also under another start method; torch had set its own SIGTERM handler
         signal.signal(sig, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    threading.Thread(target=_exit_with, args=(trainer,), daemon=True, name="exit-with-trainer").start()
 
 
 def loader_kwargs(num_workers: int) -> dict:
@@ -73,7 +86,7 @@ def loader_kwargs(num_workers: int) -> dict:
         _start_fork_server()
     return {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
             "multiprocessing_context": WORKER_CONTEXT if num_workers > 0 else None,
-            "worker_init_fn": _init_worker if num_workers > 0 else None}
+            "worker_init_fn": functools.partial(_init_worker, trainer=os.getpid()) if num_workers > 0 else None}
 
 
 def build_transforms(augment: AugmentConfig, image_size: int, mean, std, train: bool) -> v2.Compose:
