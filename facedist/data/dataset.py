@@ -13,7 +13,7 @@ import os
 import select
 import signal
 import threading
-from multiprocessing import forkserver
+from multiprocessing import forkserver, popen_forkserver
 from multiprocessing.context import ForkServerContext, ForkServerProcess
 
 import numpy as np
@@ -40,9 +40,15 @@ from facedist.data.sampler import ClassBalancedBatchSampler
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
+class _WorkerPopen(popen_forkserver.Popen):
+    def terminate(self) -> None:  # workers ignore SIGTERM: the DataLoader's and multiprocessing's exit-time
+        self.kill()  # terminate() of a live or hung worker must still end it
+
+
 class _WorkerProcess(ForkServerProcess):
-    def terminate(self) -> None:  # SIGTERM is ignored by workers: end a hung one for sure
-        self.kill()
+    @staticmethod
+    def _Popen(process_obj):
+        return _WorkerPopen(process_obj)
 
 
 class _WorkerContext(ForkServerContext):
