@@ -26,7 +26,9 @@ from PIL import Image
 
 # ArcFace (insightface) 112x112 template: the subject's right eye (image left), then left eye.
 TEMPLATE_SIZE = 112
-TEMPLATE_EYES = np.array([[38.2946, 51.6963], [73.5318, 51.5014]])
+TEMPLATE_FIVE_POINTS = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],  # eyes, nose,
+                                 [41.5493, 92.3655], [70.7299, 92.2041]])  # mouth corners
+TEMPLATE_EYES = TEMPLATE_FIVE_POINTS[:2]
 # Eye centres relative to a Haar face box (x / width, y / height), measured on ORL faces where both
 # eyes were detected (std ~0.03); used to reject implausible eye pairs and to estimate missing eyes.
 BOX_EYES = np.array([[0.31, 0.39], [0.68, 0.39]])
@@ -56,12 +58,21 @@ def _cv2():
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """The 2x3 rotation+scale+shift matrix mapping the two points `src` exactly onto `dst`."""
-    src_vec, dst_vec = src[1] - src[0], dst[1] - dst[0]
-    # As complex numbers, z -> a*z + b with a = dst_vec / src_vec.
-    a = complex(*dst_vec) / complex(*src_vec)
-    b = complex(*dst[0]) - a * complex(*src[0])
+    """The 2x3 rotation+scale+shift matrix mapping the points `src` [N, 2] onto `dst` [N, 2]: exact for two
+    points, least squares for more (Umeyama's estimate without reflection, as insightface's norm_crop)."""
+    # As complex numbers, z -> a*z + b; least squares: a = sum(conj(s - s_mean) (d - d_mean)) / sum|s - s_mean|^2
+    s, d = (np.asarray(p, dtype=np.float64) @ np.array([1, 1j]) for p in (src, dst))
+    s_centred, d_centred = s - s.mean(), d - d.mean()
+    a = np.sum(np.conj(s_centred) * d_centred) / np.sum(np.abs(s_centred) ** 2)
+    b = d.mean() - a * s.mean()
     return np.array([[a.real, -a.imag, b.real], [a.imag, a.real, b.imag]])
+
+
+def align_five_points(image: Image.Image, landmarks: np.ndarray, size: int) -> Image.Image:
+    """The face warped by the similarity transform taking its 5 landmarks onto the ArcFace template."""
+    matrix = similarity_transform(landmarks, TEMPLATE_FIVE_POINTS * (size / TEMPLATE_SIZE))
+    crop = _cv2().warpAffine(np.asarray(image), matrix, (size, size), borderValue=0.0)  # as insightface's norm_crop
+    return Image.fromarray(crop)
 
 
 class FaceAligner:

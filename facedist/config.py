@@ -107,6 +107,7 @@ class EvalConfig:
     bn_recal_batches: int = 8  # ScheduleFree: batches to re-estimate BN statistics at the eval weights
     projector_points: int = 1000  # TensorBoard projector, last evaluation only: a seeded subset; 0 disables
     timeout_s: int = 3600  # other ranks wait this long for the main one's share (report, plots, TensorBoard)
+    bins: list[str] = field(default_factory=list)  # verification .bin sets (lfw.bin, ...): `<set>_acc` every `every` steps
 
 
 @dataclass
@@ -155,6 +156,10 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, inner[0], value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(key, args[0], v) for v in value]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
@@ -262,6 +267,11 @@ def _validate(cfg: Config) -> None:
     if cfg.loss.head in HEAD_PAPER_MARGINS and cfg.loss.margin is None:
         raise ConfigError(f"loss.margin: loss.head={cfg.loss.head} needs a margin (its paper's: "
                           f"{HEAD_PAPER_MARGINS[cfg.loss.head]})")
+    names = [Path(path).stem for path in cfg.eval.bins]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"eval.bins: two sets share a name ({', '.join(names)}); each logs as <file stem>_acc")
+    if cfg.eval.bins and cfg.eval.every == 0:
+        raise ConfigError("eval.bins: evaluated every eval.every steps, but eval.every is 0")
     if not 0.0 <= cfg.data.augment.crop_scale_min <= 1.0:
         raise ConfigError(f"data.augment.crop_scale_min: must be in [0, 1], got {cfg.data.augment.crop_scale_min}")
 

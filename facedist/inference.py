@@ -129,17 +129,18 @@ class ShardImages:
 
 
 @torch.no_grad()
-def embed_batch(model: torch.nn.Module, images: torch.Tensor, flip: bool = False) -> torch.Tensor:
-    """L2-normalised embeddings of a preprocessed batch [B, 3, S, S]; `flip` adds the mirrored image."""
+def embed_batch(model: torch.nn.Module, images: torch.Tensor, flip: bool = False, normalize: bool = True) -> torch.Tensor:
+    """L2-normalised (unless `normalize=False`) embeddings of a preprocessed batch [B, 3, S, S]; `flip`
+    adds the mirrored image."""
     out = model(images)
     if flip:
         out = out + model(images.flip(-1))
-    return F.normalize(out.float(), dim=1)
+    return F.normalize(out.float(), dim=1) if normalize else out.float()
 
 
 @dataclass
 class Embeddings:
-    vectors: np.ndarray  # [n, D] float32, L2-normalised
+    vectors: np.ndarray  # [n, D] float32, L2-normalised (unless normalize=False)
     indices: np.ndarray  # [n] int64, the dataset position of each row (ascending)
     skipped: list[str] = field(default_factory=list)  # images left out (no face found), one line each
 
@@ -153,8 +154,9 @@ def _all_gather_lists(items: list) -> list:
 
 
 def embed_dataset(model: torch.nn.Module, dataset: ImageDataset, batch_size: int = 64, flip: bool = False,
-                  num_workers: int = 0, progress: bool = False) -> Embeddings:
-    """Embed every item of `dataset` (split across ranks when distributed; all ranks get all rows).
+                  num_workers: int = 0, progress: bool = False, normalize: bool = True) -> Embeddings:
+    """Embed every item of `dataset` (split across ranks when distributed; all ranks get all rows;
+    `normalize=False`: the model's outputs as they are, e.g. for IJB's faceness-weighted templates).
 
     Raises ImageError (on every rank) when any image could not be read.
     """
@@ -169,7 +171,7 @@ def embed_dataset(model: torch.nn.Module, dataset: ImageDataset, batch_size: int
             if message:
                 (fatal if is_fatal else skipped).append(message)
         if ok.any():
-            vectors.append(embed_batch(model, images[ok].to(device, non_blocking=True), flip))
+            vectors.append(embed_batch(model, images[ok].to(device, non_blocking=True), flip, normalize))
             indices.append(idx[ok].to(device))
     # a rank with nothing to embed still sends a [0, D] block to the gather
     local_vectors = torch.cat(vectors) if vectors else torch.zeros(0, model.neck[0].out_features, device=device)

@@ -35,6 +35,7 @@ from facedist.config import Config, ConfigError, load_config
 from facedist.data.dataset import make_eval_loader, make_train_loader
 from facedist.data.index import ShardIndex, raise_open_file_limit
 from facedist.data.shards import ShardError, load_manifest
+from facedist.evaluation.bins import TrainingBinEval
 from facedist.evaluation.validation import evaluate_validation, validation_index, wait_group
 from facedist.losses import Objective
 from facedist.model import build_model, preprocessing
@@ -182,6 +183,8 @@ def main(argv=None) -> int:
     train_loader = make_train_loader(train_index, cfg.data, prep, world, rank, cfg.train.seed, start_step)
     steps_per_epoch = train_loader.batch_sampler.steps_per_epoch
     log = MetricsLog(output_dir, start_step, is_main, superseded)
+    bin_eval = TrainingBinEval(cfg.eval.bins, prep, cfg.eval.batch_size, cfg.data.num_workers)  # eval.bins: <set>_acc
+    bin_eval.restore_best(log.path)
     writer = checkpoint.CheckpointWriter(output_dir, cfg.checkpoint.keep, rank, accelerator.wait_for_everyone)
 
     def evaluation_model() -> torch.nn.Module:
@@ -225,7 +228,8 @@ def main(argv=None) -> int:
     head_params = list(head.parameters()) if head is not None else []
     model.train()
     if start_step == 0 and val_index is not None:
-        log.write({"step": 0, "epoch": 0, **(evaluate(evaluation_model(), 0) or {})})
+        eval_model = evaluation_model()
+        log.write({"step": 0, "epoch": 0, **(evaluate(eval_model, 0) or {}), **bin_eval(eval_model)})
     batches = iter(train_loader)
     nonfinite_in_a_row, step, stopping = 0, start_step, False
     progress = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not is_main, desc="train")
@@ -296,7 +300,8 @@ def main(argv=None) -> int:
             if eval_due:
                 evaluated = evaluate(eval_model, step)
                 stopping = evaluated is None  # a stop signal during the evaluation: abandoned, checkpoint now
-                record = {**(record or {"step": step, "epoch": (step - 1) // steps_per_epoch}), **(evaluated or {})}
+                record = {**(record or {"step": step, "epoch": (step - 1) // steps_per_epoch}), **(evaluated or {}),
+                          **(bin_eval(eval_model) if evaluated is not None else {})}
             if ckpt_due or stopping:
                 save(step, eval_model)
             del eval_model

@@ -6,7 +6,7 @@ from PIL import Image
 
 pytest.importorskip("cv2", reason="face alignment needs opencv-python-headless (facedist[align])")
 
-from facedist.align import TEMPLATE_EYES, FaceAligner, NoFaceError, similarity_transform  # noqa: E402
+from facedist.align import TEMPLATE_EYES, TEMPLATE_FIVE_POINTS, FaceAligner, NoFaceError, similarity_transform  # noqa: E402
 from facedist.inference import embed_paths  # noqa: E402
 
 ORL = Path(__file__).resolve().parents[2] / "shared" / "data" / "orl_faces"
@@ -104,3 +104,18 @@ def test_shards_build_align_stores_aligned_crops_and_reports_images_without_a_fa
         expected = aligner.align(decode_rgb(source.read_bytes()), str(source)).image
         assert stored.size == (64, 64)
         assert np.array_equal(np.asarray(stored), np.asarray(expected))
+
+
+def test_five_point_alignment_undoes_a_similarity_transform():
+    rng = np.random.default_rng(3)
+    a = 0.7 * np.exp(0.3j)
+    forward = np.array([[a.real, -a.imag, 12.0], [a.imag, a.real, 7.0]])
+    landmarks = TEMPLATE_FIVE_POINTS @ forward[:, :2].T + forward[:, 2] + rng.normal(0, 0.01, (5, 2))
+
+    def residual(matrix):
+        return np.abs(landmarks @ matrix[:, :2].T + matrix[:, 2] - TEMPLATE_FIVE_POINTS).max()
+
+    estimated = similarity_transform(landmarks, TEMPLATE_FIVE_POINTS)
+    assert residual(estimated) < 0.05  # the 0.01-px landmark noise, scaled by 1 / 0.7
+    # least squares over all 5 points: closer than the exact fit of the eyes alone
+    assert residual(estimated) < residual(similarity_transform(landmarks[:2], TEMPLATE_FIVE_POINTS[:2]))

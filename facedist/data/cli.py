@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--workers", type=int, default=default_workers)
 
     defaults = BuildOptions()
-    b = commands.add_parser("build", help="convert identity folders SRC into shards in OUT")
+    b = commands.add_parser("build", help="convert identity folders SRC (or an MXNet RecordIO train.rec + train.idx) into shards in OUT")
     b.add_argument("src", metavar="SRC")
     b.add_argument("out", metavar="OUT")
     b.add_argument("--size", type=int, default=defaults.size, help="side of the stored square images")

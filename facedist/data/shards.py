@@ -25,6 +25,12 @@ in order through `Pool.imap`), the main process writes the tars with fixed heade
 uid/gid 0, empty user/group names, mode 0o444, ustar format) and the split choice depends on `--seed`
 only. So the same input and options give byte-identical output for any `--workers`.
 
+RecordIO: SRC may also be an MXNet indexed RecordIO dataset (a folder with train.rec + train.idx, or the
+.rec file; facedist.data.recordio reads it). Identities are the class ids, zero-padded; report paths are
+`train.rec#KEY`. Images that already have the requested size and format (112-px RGB JPEG into `--size 112
+--format jpg`) are copied byte for byte (no re-encode); every image is still decoded in the check pass,
+so undecodable ones go to the report.
+
 Atomicity and resume: every file is written under a temporary name and renamed into place after fsync.
 `.build.json` in OUT records the build fingerprint (options + every source path and sha256); a run that
 was killed is started again with the same command: the finished shards (a prefix per split) are kept,
@@ -164,6 +170,30 @@ class SourceScan:
     identities: dict[str, list[str]]
     skipped_files: list[dict] = field(default_factory=list)  # {"path", "reason"}
     skipped_identities: list[dict] = field(default_factory=list)  # {"identity", "reason"}
+    records: dict[str, tuple[str, int, int]] | None = None  # RecordIO: relpath -> (rec file, offset, key)
+
+    def locate(self, src: Path, relpath: str) -> str | tuple[str, int, int]:
+        """What `read_source` reads: the file's path, or a RecordIO record's (rec, offset, key)."""
+        return self.records[relpath] if self.records is not None else str(src / relpath)
+
+
+def read_source(location: str | tuple[str, int, int]) -> bytes:
+    if isinstance(location, tuple):
+        from facedist.data.recordio import read_image
+
+        return read_image(*location)
+    return Path(location).read_bytes()
+
+
+def scan_recordio_source(src: Path) -> SourceScan:
+    """A RecordIO dataset as a SourceScan (facedist.data.recordio)."""
+    from facedist.data.recordio import scan_recordio
+
+    scan = scan_recordio(src)
+    records = {scan.relpath(key): (str(scan.rec), offset, key) for entries in scan.identities.values()
+               for key, offset in entries}
+    identities = {name: [scan.relpath(key) for key, _ in entries] for name, entries in scan.identities.items()}
+    return SourceScan(identities, scan.skipped_files, scan.skipped_identities, records)
 
 
 def _utf8(name: str) -> bool:
@@ -282,10 +312,10 @@ def _aligner(size: int):
     return FaceAligner(size)
 
 
-def check_file(path: str, align_size: int = 0) -> tuple[str | None, list[int] | None, str | None]:
+def check_file(path: str | tuple, align_size: int = 0) -> tuple[str | None, list[int] | None, str | None]:
     """(sha256, [w, h], None) for a readable image (with a face when `align_size` > 0), else (None, None, reason)."""
     try:
-        data = Path(path).read_bytes()
+        data = read_source(path)
     except OSError as error:
         return None, None, f"unreadable ({error.strerror})"
     if not data:
@@ -305,12 +335,25 @@ def check_file(path: str, align_size: int = 0) -> tuple[str | None, list[int] | 
     return hashlib.sha256(data).hexdigest(), original_size, None
 
 
-def convert_file(job: tuple[str, str, int, str, int, bool]) -> bytes:
-    """Decode, square (or align) and resize, encode one source image (whose sha256 must still be `expected_sha`)."""
+_PIL_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+def fits_as_is(data: bytes, size: int, image_format: str) -> bool:
+    """The bytes are already a size x size RGB image of `image_format` without an EXIF rotation (header only)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return (_PIL_FORMATS.get(image.format) == image_format and image.size == (size, size) and image.mode == "RGB"
+                and image.getexif().get(0x0112, 1) == 1)
+
+
+def convert_file(job: tuple[str | tuple, str, int, str, int, bool]) -> bytes:
+    """Decode, square (or align) and resize, encode one source image (whose sha256 must still be `expected_sha`);
+    a RecordIO image that already fits is returned as it is (decoded in the check pass)."""
     path, expected_sha, size, image_format, quality, align = job
-    data = Path(path).read_bytes()
+    data = read_source(path)
     if hashlib.sha256(data).hexdigest() != expected_sha:
         raise ShardError(f"{path}: changed since it was checked; run the build again")
+    if isinstance(path, tuple) and not align and fits_as_is(data, size, image_format):
+        return data
     # --align detects again here: the check pass only learns which images have a face (splits and labels
     # depend on it); keeping its crops would hold every image in memory until the write pass
     image = _aligner(size).align(decode_rgb(data), path).image if align else square_resize(decode_rgb(data), size)
@@ -579,15 +622,18 @@ def build(src: str | Path, out: str | Path, options: BuildOptions, workers: int 
     options.validate()
     src, out = Path(src).absolute(), Path(out).absolute()
     started = time.perf_counter()
-    if out.resolve().is_relative_to(src.resolve()):
+    from facedist.data.recordio import is_recordio
+
+    recordio = is_recordio(src)
+    if out.resolve().is_relative_to((src.parent if src.is_file() else src).resolve()):
         raise ShardError(f"OUT {out} is inside SRC {src}; its files would become part of the input")
     _check_out(out, None)
-    scan = scan_source(src)
+    scan = scan_recordio_source(src) if recordio else scan_source(src)
     files = [p for paths in scan.identities.values() for p in paths]
     with worker_pool(workers) as pool:
         checks = {}
         check = functools.partial(check_file, align_size=options.size if options.align else 0)
-        results = pool.imap(check, [str(src / p) for p in files], chunksize=16)
+        results = pool.imap(check, [scan.locate(src, p) for p in files], chunksize=16)
         for relpath, result in tqdm(zip(files, results), total=len(files), desc="check", unit="img", disable=not progress):
             checks[relpath] = result
         plan = make_plan(scan, checks, options)
@@ -598,7 +644,7 @@ def build(src: str | Path, out: str | Path, options: BuildOptions, workers: int 
             stale.unlink()
         _write_json(out / BUILD_STATE, {"build_fingerprint": fingerprint})
 
-        image_locations = _write_shards(pool, src, out, plan, options, progress)
+        image_locations = _write_shards(pool, functools.partial(scan.locate, src), out, plan, options, progress)
 
     manifest = _finish(out, src, plan, options, fingerprint, image_locations)
     elapsed = time.perf_counter() - started
@@ -617,12 +663,13 @@ def build(src: str | Path, out: str | Path, options: BuildOptions, workers: int 
     return summary
 
 
-def _write_shards(pool, src: Path, out: Path, plan: Plan, options: BuildOptions, progress: bool) -> dict[str, list]:
-    """Convert (in `pool`) and write every sample not already in a finished shard; image locations per split."""
+def _write_shards(pool, locate, out: Path, plan: Plan, options: BuildOptions, progress: bool) -> dict[str, list]:
+    """Convert (in `pool`) and write every sample not already in a finished shard; image locations per split.
+    locate: source relpath -> what read_source reads."""
     from tqdm import tqdm
 
     resume = {split: _finished_prefix(out, split, samples, options.format) for split, samples in plan.splits.items()}
-    jobs = [(str(src / s.source), s.sha256, options.size, options.format, options.quality, options.align)
+    jobs = [(locate(s.source), s.sha256, options.size, options.format, options.quality, options.align)
             for split, (_, done) in resume.items() for s in plan.splits[split][len(done):]]
     encoded = pool.imap(convert_file, jobs, chunksize=16)
     bar = tqdm(total=len(jobs), desc="convert", unit="img", disable=not progress)
@@ -633,7 +680,7 @@ def _write_shards(pool, src: Path, out: Path, plan: Plan, options: BuildOptions,
             try:
                 image = next(encoded)
             except (OSError, ValueError) as error:  # ShardError (changed file) passes through as is
-                raise ShardError(f"{src / sample.source}: unreadable during the build ({error})") from error
+                raise ShardError(f"{locate(sample.source)}: unreadable during the build ({error})") from error
             writer.add(sample_members(sample_key(split, i), options.format, image, sample))
             bar.update(1)
         writer.close()

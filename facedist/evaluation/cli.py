@@ -3,8 +3,14 @@
     facedist-eval --checkpoint RUN_OR_CKPT --shards DIR [--split test] --out DIR [--flip] [--tsne]
     facedist-eval --checkpoint RUN_OR_CKPT --folder DIR --out DIR
     facedist-eval --checkpoint RUN_OR_CKPT --pairs pairs.txt --folder LFW_ROOT --out DIR
+    facedist-eval --checkpoint RUN_OR_CKPT --bin lfw.bin [--bin cfp_fp.bin ...] --out DIR
+    facedist-eval --checkpoint RUN_OR_CKPT --ijb IJB_C_DIR --ijb-name IJBC --out DIR
 
-Writes into --out what facedist.evaluation.report writes (metrics.json, roc.png, pr.png, score histogram,
+With --bin: the published protocol of InsightFace's verification sets (facedist.evaluation.bins) plus
+AUC / EER / TAR@FAR, in OUT/<set>/metrics.json, OUT/<set>/roc.png and OUT/<set>_embeddings.npz.
+With --ijb: IJB-B/C 1:1 TAR@FAR from the released files (facedist.evaluation.ijb), in OUT/metrics.json,
+OUT/roc.png and OUT/<name>_scores.npz.
+Otherwise writes into --out what facedist.evaluation.report writes (metrics.json, roc.png, pr.png, score histogram,
 t-SNE, TensorBoard under --out/tensorboard), and `<checkpoint_dir>/thresholds.json`: the cosine
 thresholds at each resolvable FAR, which facedist-compare uses. Launch with `accelerate launch -m
 facedist.evaluation.cli ...` to split the embedding across processes (the report is made on the main one).
@@ -91,11 +97,14 @@ def write_thresholds(checkpoint_dir: Path, metrics: dict, source: str, flip: boo
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="facedist-eval", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint dir, training output_dir (latest) or model.safetensors")
-    source = parser.add_argument_group("data (one of --shards, --folder, --pairs with --folder)")
+    source = parser.add_argument_group("data (one of --shards, --folder, --pairs with --folder, --bin, --ijb)")
     source.add_argument("--shards", help="shard folder (facedist-shards build)")
     source.add_argument("--split", default="test", help="shard split (default: test)")
     source.add_argument("--folder", help="identity-folder tree DIR/<identity>/<image>, or the image root of --pairs")
     source.add_argument("--pairs", help="LFW-style pairs.txt; images at FOLDER/NAME/NAME_0001.jpg")
+    source.add_argument("--bin", action="append", default=[], help="InsightFace verification set (lfw.bin); repeatable")
+    source.add_argument("--ijb", help="IJB-B/C folder as released (meta/, loose_crop/)")
+    source.add_argument("--ijb-name", choices=("IJBB", "IJBC"), default="IJBC", help="which IJB set --ijb holds")
     parser.add_argument("--out", required=True, help="folder for metrics.json, plots and TensorBoard")
     parser.add_argument("--flip", action="store_true", help="flip test-time augmentation")
     parser.add_argument("--align", action="store_true", help="detect and align faces first (raw photos)")
@@ -104,8 +113,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
     args = parser.parse_args(argv)
-    if bool(args.shards) == bool(args.folder):
-        parser.error("give exactly one of --shards DIR or --folder DIR (--pairs needs --folder as image root)")
+    if sum(map(bool, (args.shards, args.folder, args.bin, args.ijb))) != 1:
+        parser.error("give exactly one of --shards DIR, --folder DIR, --bin FILE or --ijb DIR (--pairs needs --folder as image root)")
     if args.pairs and not args.folder:
         parser.error("--pairs needs --folder (the image root)")
     if args.batch_size <= 0:
@@ -146,6 +155,38 @@ def _keep_pairs(pairs, kept: np.ndarray, total: int):
     return a[valid], b[valid], same[valid]
 
 
+def evaluate_bins(args: argparse.Namespace, device) -> dict | None:
+    """--bin: every set embedded across ranks; the main rank writes each set's report. Returns {set: metrics}."""
+    from facedist.evaluation import bins
+
+    model, preprocessing, _ = load_embedding_model(args.checkpoint, device)
+    results = {}
+    for path in args.bin:
+        bin_set = bins.load_set(path)
+        metrics, embeddings = bins.evaluate_set(model, bin_set, preprocessing, args.batch_size, args.num_workers, progress=True)
+        if distributed.rank() == 0:
+            bins.write_set_report(args.out, bin_set, metrics, embeddings)
+            print(f"facedist-eval: {bin_set.name}: accuracy {metrics['accuracy']:.4f} +- {metrics['accuracy_std']:.4f} "
+                  f"({metrics['num_pairs']} pairs, 10 folds), AUC {metrics['auc']:.4f}, EER {metrics['eer']:.4f}")
+        results[bin_set.name] = metrics
+    return results if distributed.rank() == 0 else None
+
+
+def evaluate_ijb(args: argparse.Namespace, device) -> dict | None:
+    """--ijb: faces and pairs split across ranks; the main rank writes the report."""
+    from facedist.evaluation.ijb import evaluate_ijb as run
+
+    model, preprocessing, _ = load_embedding_model(args.checkpoint, device)
+    metrics = run(args.ijb, args.ijb_name, model, preprocessing, args.out, args.batch_size, args.num_workers, progress=True)
+    if distributed.rank() != 0:
+        return None
+    published, own = metrics["tar_at_far_published"], metrics["tar_at_far_facedist"]
+    print(f"facedist-eval: {metrics['name']}: {metrics['num_templates']} templates, {metrics['num_genuine']} + "
+          f"{metrics['num_impostor']} pairs; TAR@FAR (published rule / facedist rule): "
+          + ", ".join(f"{far}: {published[far]:.4f} / {'-' if own[far] is None else f'{own[far]:.4f}'}" for far in published))
+    return metrics
+
+
 def evaluate(args: argparse.Namespace, device) -> dict | None:
     """Embed on every rank; on the main rank make the report and store thresholds. Returns the metrics there."""
     from facedist.evaluation.report import evaluate_embeddings
@@ -176,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     state = PartialState(cpu=args.cpu)  # joins the process group when run under accelerate launch
     try:
-        evaluate(args, state.device)
+        (evaluate_bins if args.bin else evaluate_ijb if args.ijb else evaluate)(args, state.device)
     except (CheckpointError, ImageError, ShardError, PairsError, ValueError) as err:  # ValueError: unusable data
         raise SystemExit(f"facedist-eval: {err}") from None
     finally:
