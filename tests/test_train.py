@@ -22,15 +22,19 @@ TINY = ["model.backbone=resnet10t", "model.embedding_dim=16", "model.image_size=
         "train.log_every=1", "eval.every=0", "checkpoint.every=0", "optim.lr=1e-3"]
 
 
+def _synth_shards(root, identities, images, size, seed, *build):
+    """root/shards from `facedist-shards synth` + `build` (png, no test split)."""
+    cli = [sys.executable, "-m", "facedist.data.cli"]
+    subprocess.run([*cli, "synth", str(root / "faces"), "--identities", str(identities), "--images-per-identity",
+                    str(images), "--size", str(size), "--seed", str(seed)], check=True, capture_output=True)
+    subprocess.run([*cli, "build", str(root / "faces"), str(root / "shards"), "--size", str(size), "--format", "png",
+                    "--test-identities", "0", "--quiet", *build], check=True, capture_output=True)
+    return root / "shards"
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    cli = [sys.executable, "-m", "facedist.data.cli"]
-    subprocess.run([*cli, "synth", str(root / "faces"), "--identities", "24", "--images-per-identity", "5",
-                    "--size", "32", "--seed", "3"], check=True, capture_output=True)
-    subprocess.run([*cli, "build", str(root / "faces"), str(root / "shards"), "--size", "32", "--format", "png",
-                    "--val-identities", "6", "--test-identities", "0", "--quiet"], check=True, capture_output=True)
-    return root / "shards"
+    return _synth_shards(tmp_path_factory.mktemp("train_data"), 24, 5, 32, 3, "--val-identities", "6")
 
 
 def _env():
@@ -313,15 +317,10 @@ def test_a_signal_to_every_process_of_two_checkpoints_on_both_and_resumes_exactl
 @pytest.fixture(scope="module")
 def many_shards(tmp_path_factory):
     """600 shards of one image each: 480 train, 120 val."""
-    root = tmp_path_factory.mktemp("many_shards")
-    cli = [sys.executable, "-m", "facedist.data.cli"]
-    subprocess.run([*cli, "synth", str(root / "faces"), "--identities", "60", "--images-per-identity", "10",
-                    "--size", "16", "--seed", "1"], check=True, capture_output=True)
-    subprocess.run([*cli, "build", str(root / "faces"), str(root / "shards"), "--size", "16", "--format", "png",
-                    "--max-samples", "1", "--val-identities", "12", "--test-identities", "0", "--quiet"],
-                   check=True, capture_output=True)
-    assert len(list((root / "shards").glob("*.tar"))) == 600
-    return root / "shards"
+    out = _synth_shards(tmp_path_factory.mktemp("many_shards"), 60, 10, 16, 1, "--max-samples", "1",
+                        "--val-identities", "12")
+    assert len(list(out.glob("*.tar"))) == 600
+    return out
 
 
 def test_training_and_evaluation_over_600_shards_under_64_open_files(many_shards, tmp_path):
