@@ -1,5 +1,6 @@
 """The trainer end to end: distributed equivalence, step-exact resume, bad configs, non-finite stops."""
 
+import contextlib
 import json
 import math
 import os
@@ -249,8 +250,25 @@ def uninterrupted(shards, tmp_path_factory):
     return [(r["step"], r["loss"]) for r in metrics(out)]
 
 
+def _process_tree(root: int) -> list[int]:
+    """`root` and all its descendants (torchrun starts the trainers in sessions of their own: no killpg)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(pid)
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
 def _signal_every_process_mid_run(args, nproc, out):
-    """Start a run in its own process group, send SIGUSR1 to the whole group at step >= 3, wait for the end."""
+    """Start a run, send SIGUSR1 to every process of it at step >= 3, wait for the end."""
     launcher = ([sys.executable, TRAIN] if nproc == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                  str(_port()), TRAIN])
@@ -262,7 +280,9 @@ def _signal_every_process_mid_run(args, nproc, out):
         while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
             time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGUSR1)
+        for pid in _process_tree(proc.pid):  # as Slurm signals every process of a step
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
         output, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
