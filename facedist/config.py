@@ -72,7 +72,7 @@ class LossConfig:
     miner: Literal["none", "hard", "semihard"] = "none"
     head: Literal["none", "arcface", "cosface", "sphereface", "adacos_fixed", "adacos", "combined"] = "none"
     scale: float = 64.0
-    margin: float = 0.5
+    margin: float | None = None  # not set: the head's paper value (HEAD_PAPER_MARGINS)
     m1: float = 1.0
     m2: float = 0.5
     m3: float = 0.0
@@ -123,6 +123,8 @@ class EvalConfig:
     max_images: int = 0  # 0: the whole validation split
     batch_size: int = 64
     bn_recal_batches: int = 8  # ScheduleFree: batches to re-estimate BN statistics at the eval weights
+    projector_points: int = 1000  # TensorBoard projector, last evaluation only: a seeded subset; 0 disables
+    timeout_s: int = 3600  # other ranks wait this long for the main one's share (report, plots, TensorBoard)
     bins: list[str] = field(default_factory=list)  # verification .bin sets (lfw.bin, ...): `<set>_acc` every `every` steps
 
 
@@ -149,6 +151,10 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     return value
 
+
+# ArcFace (Deng et al. 2019) m = 0.5, CosFace (Wang et al. 2018) m = 0.35, SphereFace (Liu et al. 2017) m = 4;
+# the AdaCos heads have no margin and `combined` uses m1/m2/m3, so loss.margin stays unset (None) for them
+HEAD_PAPER_MARGINS = {"arcface": 0.5, "cosface": 0.35, "sphereface": 4.0}
 
 YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
 
@@ -234,6 +240,8 @@ def _fill_dependent_defaults(cfg: Config) -> None:
     """Keys whose default depends on another key: None ("not set") becomes the value actually used."""
     if cfg.optim.weight_decay is None:
         cfg.optim.weight_decay = 5e-4 if cfg.optim.name == "sgd" else 0.0
+    if cfg.loss.margin is None:
+        cfg.loss.margin = HEAD_PAPER_MARGINS.get(cfg.loss.head)
 
 
 def _validate(cfg: Config) -> None:
@@ -249,6 +257,7 @@ def _validate(cfg: Config) -> None:
         "checkpoint.keep": cfg.checkpoint.keep,
         "eval.batch_size": cfg.eval.batch_size,
         "train.timeout_s": cfg.train.timeout_s,
+        "eval.timeout_s": cfg.eval.timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -260,6 +269,7 @@ def _validate(cfg: Config) -> None:
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.grad_clip": cfg.optim.grad_clip,
         "optim.weight_decay": cfg.optim.weight_decay,
+        "eval.projector_points": cfg.eval.projector_points,
     }.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
@@ -280,6 +290,12 @@ def _validate(cfg: Config) -> None:
     if cfg.model.pretrained and cfg.model.init_from:
         raise ConfigError("model.pretrained and model.init_from are both set: init_from replaces the pretrained "
                           "weights; set one")
+    if cfg.optim.name == "radam_schedulefree" and cfg.optim.warmup_steps > 0:
+        raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps}: radam_schedulefree has no warm-up (RAdam's "
+                          "rectification is its warm-up); set 0 or use adamw_schedulefree, sgd_schedulefree or adamw_cosine")
+    if cfg.loss.head in HEAD_PAPER_MARGINS and cfg.loss.margin is None:
+        raise ConfigError(f"loss.margin: loss.head={cfg.loss.head} needs a margin (its paper's: "
+                          f"{HEAD_PAPER_MARGINS[cfg.loss.head]})")
     names = [Path(path).stem for path in cfg.eval.bins]
     if len(set(names)) != len(names):
         raise ConfigError(f"eval.bins: two sets share a name ({', '.join(names)}); each logs as <file stem>_acc")
@@ -296,7 +312,7 @@ def _validate(cfg: Config) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file at `path`, then `key=value` overrides, then validation."""
+    """Defaults, then the YAML file at `path`, then `key=value` overrides, then dependent defaults, then validation."""
     cfg = Config()
     if path is not None:
         path = Path(path)

@@ -33,10 +33,10 @@ from facedist import checkpoint, distributed, zero
 from facedist.config import Config, ConfigError, load_config
 from facedist.data.dataset import make_eval_loader, make_train_loader
 from facedist.data.device_augment import DeviceAugment
-from facedist.data.index import ShardIndex
+from facedist.data.index import ShardIndex, raise_open_file_limit
 from facedist.data.shards import ShardError, load_manifest
 from facedist.evaluation.bins import TrainingBinEval
-from facedist.evaluation.report import evaluate_embeddings
+from facedist.evaluation.validation import evaluate_validation, validation_index, wait_group
 from facedist.losses import Objective
 from facedist.model import build_model, preprocessing
 from facedist.optim import (build_optimizer, clip_grads_, current_lr, evaluation_state_dict, grad_norm_squared,
@@ -57,15 +57,14 @@ def parse_args(argv=None):
 class MetricsLog:
     """metrics.jsonl + TensorBoard on the main process; on resume both continue from the checkpoint's step."""
 
-    def __init__(self, output_dir: Path, start_step: int, enabled: bool):
+    def __init__(self, output_dir: Path, start_step: int, enabled: bool, superseded: Path | None = None):
         self.enabled, self.path = enabled, output_dir / "metrics.jsonl"
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        if self.path.exists():  # drop what an interrupted run logged after the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if self.path.exists():  # lines after the checkpoint we resume from: an interrupted run's, or a
+            checkpoint.supersede_log_lines(self.path, start_step, superseded)  # rolled-back branch's (kept aside)
         self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, record: dict) -> None:
@@ -96,6 +95,7 @@ def main(argv=None) -> int:
     except ConfigError as err:
         raise SystemExit(f"config error: {err}")
     output_dir = Path(cfg.output_dir)
+    raise_open_file_limit()  # soft -> hard: shard files, sockets and workers' pipes all count
     stop = StopRequest()
     stop.install()  # first: a SIGUSR1 during start-up (default action: die) becomes a stop after step 1
 
@@ -115,7 +115,8 @@ def main(argv=None) -> int:
 
     # --- data: random access into shards; rank r loads slice r of each global batch
     train_index = ShardIndex(cfg.data.shards, cfg.data.split_train)
-    val_index = ShardIndex(cfg.data.shards, cfg.data.split_val) if cfg.eval.every > 0 else None
+    val_index = validation_index(cfg)
+    eval_group = wait_group(cfg.eval.timeout_s) if val_index is not None else None
 
     # --- model, objective, optimizers
     try:
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     dependencies = checkpoint.dependencies(cfg, train_index.num_classes, fingerprint)
 
     # --- resume: weights and optimizer state before `prepare`, then the loop continues at the saved step
-    start_step, resume_from = 0, None
+    start_step, resume_from, superseded = 0, None, None
     if args.resume:
         resume_from = (checkpoint.latest_checkpoint(output_dir) if args.resume == "auto"
                        else checkpoint.resolve_checkpoint(args.resume))
@@ -159,6 +160,8 @@ def main(argv=None) -> int:
             adarand.load_checkpoint(resume_from / "adarand", adarand_optimizer)
         start_step = meta["step"]
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
+        if is_main:  # rolled back: the newer checkpoints (and their log lines) are another branch, kept aside
+            superseded = checkpoint.supersede_newer(output_dir, start_step)
         if cfg.model.init_from:
             accelerator.print(f"model.init_from={cfg.model.init_from} ignored: resuming this run's checkpoint wins")
     elif cfg.model.init_from:  # a new run: step 0, fresh optimizer and head, weights from elsewhere
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
     train_loader = make_train_loader(train_index, cfg.data, prep, world, rank, cfg.train.seed, start_step)
     to_model_input = DeviceAugment(train_loader.dataset, device, cfg.model.channels_last)  # uint8 -> augmented floats
     steps_per_epoch = train_loader.batch_sampler.steps_per_epoch
-    log = MetricsLog(output_dir, start_step, is_main)
+    log = MetricsLog(output_dir, start_step, is_main, superseded)
     bin_eval = TrainingBinEval(cfg.eval.bins, prep, cfg.eval.batch_size, cfg.data.num_workers)  # eval.bins: <set>_acc
     bin_eval.restore_best(log.path)
     writer = checkpoint.CheckpointWriter(output_dir, cfg.checkpoint.keep, rank, accelerator.wait_for_everyone)
@@ -204,24 +207,10 @@ def main(argv=None) -> int:
                 recalibrate_batchnorm(eval_model, (to_model_input(batch)[0] for batch in batches))
         return eval_model.eval()
 
-    def evaluate(eval_model, step: int) -> dict:
-        """Embed the validation identities (split across ranks, gathered) and run facedist-eval's suite on them."""
-        embeddings, labels = [], []
-        loader = make_eval_loader(val_index, prep, cfg.eval.batch_size, world, rank, cfg.eval.max_images,
-                                  num_workers=cfg.data.num_workers)
-        with torch.no_grad(), accelerator.autocast():
-            for images, batch_labels, _ in loader:
-                embeddings.append(eval_model(images.to(device)).float())
-                labels.append(batch_labels.to(device))
-        embeddings = distributed.gather_rows(torch.cat(embeddings))
-        labels = distributed.gather_rows(torch.cat(labels))
-        if not is_main:
-            return {}
-        # all of it (ROC, PR, histogram, projector) goes to TensorBoard under val/; the headline numbers to metrics.jsonl
-        metrics = evaluate_embeddings(embeddings.cpu(), labels.cpu(), tb_writer=log.tensorboard, step=step, tag="val")
-        return {"val_auc": metrics["auc"], "val_eer": metrics["eer"], "val_tar@far=1e-2": metrics["tar_at_far"]["1e-02"],
-                "val_tar@far=1e-3": metrics["tar_at_far"]["1e-03"], "val_accuracy": metrics["accuracy_kfold"]["mean"],
-                "val_rank1": metrics["cmc"]["rank1"]}
+    def evaluate(eval_model, step: int) -> dict | None:
+        """Validation metrics (rank 0; {} elsewhere), or None when a stop signal came meanwhile (abandoned)."""
+        return evaluate_validation(eval_model, val_index, cfg, prep, device, accelerator.autocast, step,
+                                   log.tensorboard if is_main else None, eval_group, lambda: stop.should_stop(device))
 
     def save(step: int, eval_model: torch.nn.Module) -> None:
         train_state = {
@@ -247,7 +236,7 @@ def main(argv=None) -> int:
     model.train()
     if start_step == 0 and val_index is not None:
         eval_model = evaluation_model()
-        log.write({"step": 0, "epoch": 0, **evaluate(eval_model, 0), **bin_eval(eval_model)})
+        log.write({"step": 0, "epoch": 0, **(evaluate(eval_model, 0) or {}), **bin_eval(eval_model)})
     batches = iter(train_loader)
     nonfinite_in_a_row, step, stopping = 0, start_step, False
     progress = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not is_main, desc="train")
@@ -312,14 +301,17 @@ def main(argv=None) -> int:
                       "nonfinite_in_a_row": nonfinite_in_a_row}
             progress.set_postfix(loss=f"{record['loss']:.4f}")
         stopping = stop.agree(flags.stop)
-        eval_due = val_index is not None and (step % cfg.eval.every == 0 or step == cfg.train.max_steps)
+        # stopping: checkpoint at once (Slurm's KillWait), no evaluation
+        eval_due = not stopping and val_index is not None and (step % cfg.eval.every == 0 or step == cfg.train.max_steps)
         ckpt_due = stopping or step == cfg.train.max_steps or (cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0)
         if eval_due or ckpt_due:
             eval_model = evaluation_model()
             if eval_due:
-                record = {**(record or {"step": step, "epoch": (step - 1) // steps_per_epoch}), **evaluate(eval_model, step),
-                          **bin_eval(eval_model)}
-            if ckpt_due:
+                evaluated = evaluate(eval_model, step)
+                stopping = evaluated is None  # a stop signal during the evaluation: abandoned, checkpoint now
+                record = {**(record or {"step": step, "epoch": (step - 1) // steps_per_epoch}), **(evaluated or {}),
+                          **(bin_eval(eval_model) if evaluated is not None else {})}
+            if ckpt_due or stopping:
                 save(step, eval_model)
             del eval_model
         if record is not None:

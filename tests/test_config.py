@@ -112,3 +112,24 @@ def test_checkpoint_configs_with_color_jitter_still_load():
     values["data"]["augment"] = {"hflip": True, "rotation": 15.0, "crop_scale_min": 0.8, "color_jitter": 0.2}
     augment = config_from_dict(values).data.augment
     assert (augment.brightness, augment.contrast, augment.saturation, augment.gamma) == (0.2, 0.2, 0.2, 0.0)
+
+
+@pytest.mark.parametrize("head, margin", [("arcface", 0.5), ("cosface", 0.35), ("sphereface", 4.0), ("adacos", None)])
+def test_unset_margin_is_the_heads_paper_value_and_shown_in_to_dict(head, margin):
+    cfg = load_config(None, [f"loss.head={head}"])
+    assert cfg.loss.margin == margin and cfg.to_dict()["loss"]["margin"] == margin
+    assert load_config(None, [f"loss.head={head}", "loss.margin=0.2"]).loss.margin == 0.2  # given: kept
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["optim.warmup_steps=100"], "optim.warmup_steps=100: radam_schedulefree has no warm-up"),
+    (["data.augment.rotation=-5"], "data.augment.rotation: must be >= 0"),
+    (["eval.projector_points=-1"], "eval.projector_points: must be >= 0"),
+    (["eval.timeout_s=0"], "eval.timeout_s: must be > 0"),
+])
+def test_silently_ignored_values_are_refused(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    assert load_config(None, ["optim.name=adamw_cosine", "optim.warmup_steps=100"]).optim.warmup_steps == 100

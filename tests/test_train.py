@@ -1,11 +1,16 @@
 """The trainer end to end: distributed equivalence, step-exact resume, bad configs, non-finite stops."""
 
+import contextlib
 import json
 import math
 import os
+import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,15 +23,19 @@ TINY = ["model.backbone=resnet10t", "model.embedding_dim=16", "model.image_size=
         "train.log_every=1", "eval.every=0", "checkpoint.every=0", "optim.lr=1e-3"]
 
 
+def _synth_shards(root, identities, images, size, seed, *build):
+    """root/shards from `facedist-shards synth` + `build` (png, no test split)."""
+    cli = [sys.executable, "-m", "facedist.data.cli"]
+    subprocess.run([*cli, "synth", str(root / "faces"), "--identities", str(identities), "--images-per-identity",
+                    str(images), "--size", str(size), "--seed", str(seed)], check=True, capture_output=True)
+    subprocess.run([*cli, "build", str(root / "faces"), str(root / "shards"), "--size", str(size), "--format", "png",
+                    "--test-identities", "0", "--quiet", *build], check=True, capture_output=True)
+    return root / "shards"
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    cli = [sys.executable, "-m", "facedist.data.cli"]
-    subprocess.run([*cli, "synth", str(root / "faces"), "--identities", "24", "--images-per-identity", "5",
-                    "--size", "32", "--seed", "3"], check=True, capture_output=True)
-    subprocess.run([*cli, "build", str(root / "faces"), str(root / "shards"), "--size", "32", "--format", "png",
-                    "--val-identities", "6", "--test-identities", "0", "--quiet"], check=True, capture_output=True)
-    return root / "shards"
+    return _synth_shards(tmp_path_factory.mktemp("train_data"), 24, 5, 32, 3, "--val-identities", "6")
 
 
 def _env():
@@ -94,7 +103,7 @@ def test_resume_mid_epoch_is_step_exact(shards, tmp_path):
     assert "resumed from" in out.stdout + out.stderr and "step 5" in out.stdout + out.stderr
 
     def stable(records):  # timing fields differ between runs
-        return [{k: v for k, v in r.items() if k not in ("images_per_s", "data_wait_fraction", "memory_mb")}
+        return [{k: v for k, v in r.items() if k not in ("images_per_s", "data_wait_fraction", "memory_mb", "val_time_s")}
                 for r in records]
     a, b = stable(metrics(straight)), stable(metrics(resumed))
     assert [r["step"] for r in b] == [r["step"] for r in a]  # no duplicated steps from the first run
@@ -342,3 +351,120 @@ def test_sync_counter_sees_what_pml_and_masks_do_in_cpp():
         embeddings[mask], torch.where(mask), mask.sum().item(), mask.tolist()
         optimizer.step()
     assert counter.counts == {"index": 1, "nonzero": 1, "_local_scalar_dense": 1, "tolist": 1}, counter.counts
+
+
+# Stop signals reach every process of a run (Slurm signals the whole step): trainers, loader workers, their
+# fork server; the launcher's agent ignores SIGUSR1 as in slurm/train.sh. Tiny steps, so the signal lands mid-run.
+STOP_STEPS = 30
+STOP = [*TINY, "data.num_workers=2", "model.bn=frozen", "data.images_per_class=2", "optim.lr=1e-4",
+        f"train.max_steps={STOP_STEPS}"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train([*STOP, f"data.shards={shards}", "data.classes_per_batch=4", f"output_dir={out}"])
+    return [(r["step"], r["loss"]) for r in metrics(out)]
+
+
+def _process_tree(root: int) -> list[int]:
+    """`root` and all its descendants (torchrun starts the trainers in sessions of their own: no killpg)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(pid)
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def _signal_every_process_mid_run(args, nproc, out):
+    """Start a run, send SIGUSR1 to every process of it at step >= 3, wait for the end."""
+    launcher = ([sys.executable, TRAIN] if nproc == 1 else
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                 str(_port()), TRAIN])
+    ignore_usr1 = lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # noqa: E731  (the agent, as train.sh)
+    proc = subprocess.Popen([*launcher, *args, f"output_dir={out}"], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=ignore_usr1)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        for pid in _process_tree(proc.pid):  # as Slurm signals every process of a step
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]  # checkpointed and exited, no "worker exited unexpectedly"
+    stopped = re.findall(r"stopped by (SIGUSR1|a signal on another rank) at step (\d+); checkpoint written", output)
+    assert len(stopped) == 1 and 3 <= int(stopped[0][1]) < STOP_STEPS, output[-3000:]  # printed by the main process
+    step = int(stopped[0][1])
+    assert (out / "checkpoints" / f"step_{step:08d}" / "meta.json").is_file()
+    return step
+
+
+def _assert_same_losses(out, reference, rel):
+    got = [(r["step"], r["loss"]) for r in metrics(out)]
+    assert [s for s, _ in got] == [s for s, _ in reference] == list(range(1, STOP_STEPS + 1))
+    for (step, a), (_, b) in zip(got, reference):
+        assert a == pytest.approx(b, rel=rel, abs=1e-9), step
+
+
+@pytest.mark.slow
+def test_a_signal_to_every_process_checkpoints_and_resumes_exactly_then_a_rollback_moves_the_newer_aside(
+        shards, uninterrupted, tmp_path):
+    args = [*STOP, f"data.shards={shards}", "data.classes_per_batch=4", "checkpoint.every=0"]
+    out = tmp_path / "run"
+    step = _signal_every_process_mid_run(args, 1, out)
+    train([*args, f"output_dir={out}", "--resume", "auto"])
+    _assert_same_losses(out, uninterrupted, rel=1e-6)
+
+    # roll back to the signal's checkpoint: the step-30 one and the log after `step` are another branch now
+    back = train([*args, f"train.max_steps={step + 1}", f"output_dir={out}", "--resume",
+                  str(out / "checkpoints" / f"step_{step:08d}")])
+    (superseded,) = (out / "checkpoints").glob("superseded-*")
+    assert f"moved the newer checkpoints (step_{STOP_STEPS:08d})" in back.stdout + back.stderr
+    assert (superseded / f"step_{STOP_STEPS:08d}" / "meta.json").is_file()
+    assert [json.loads(line)["step"] for line in (superseded / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(step + 1, STOP_STEPS + 1))
+    assert [r["step"] for r in metrics(out)] == list(range(1, step + 2))
+    from facedist.checkpoint import latest_checkpoint
+    assert latest_checkpoint(out).name == f"step_{step + 1:08d}"  # what `--resume auto` continues from
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_signal_to_every_process_of_two_checkpoints_on_both_and_resumes_exactly(shards, uninterrupted, tmp_path):
+    args = [*STOP, f"data.shards={shards}", "data.classes_per_batch=2", "checkpoint.every=0"]
+    out = tmp_path / "run"
+    _signal_every_process_mid_run(args, 2, out)
+    train([*args, f"output_dir={out}", "--resume", "auto"], nproc=2)
+    _assert_same_losses(out, uninterrupted, rel=1e-5)  # 2 processes x P=2 = 1 process x P=4
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    """600 shards of one image each: 480 train, 120 val."""
+    out = _synth_shards(tmp_path_factory.mktemp("many_shards"), 60, 10, 16, 1, "--max-samples", "1",
+                        "--val-identities", "12")
+    assert len(list(out.glob("*.tar"))) == 600
+    return out
+
+
+def test_training_and_evaluation_over_600_shards_under_64_open_files(many_shards, tmp_path):
+    limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))  # noqa: E731  (ulimit -n 64)
+    proc = subprocess.run([sys.executable, TRAIN, *TINY, f"data.shards={many_shards}", "data.num_workers=1",
+                           "data.classes_per_batch=8", "train.max_steps=2", "eval.every=2", "eval.batch_size=32",
+                           f"output_dir={tmp_path}"], env=_env(), capture_output=True, text=True, timeout=600,
+                          preexec_fn=limit)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert metrics(tmp_path)[-1]["val_auc"] > 0  # all 120 validation shards read

@@ -31,7 +31,7 @@ COMMON = ["model.backbone=resnet10t", "model.embedding_dim=16", "model.image_siz
           "loss.head=arcface",  # the sharded head: outside the DeepSpeed engine, its own optimizer and files
           "train.log_every=1", "eval.every=8", "eval.bn_recal_batches=2", "checkpoint.every=8", "checkpoint.keep=2",
           "train.timeout_s=120"]
-TIMING = ("images_per_s", "data_wait_fraction", "memory_mb")
+TIMING = ("images_per_s", "data_wait_fraction", "memory_mb", "val_time_s")
 RTOL, ATOL = 1e-4, 1e-5
 BF16_RTOL = 1e-2  # a bf16 forward vs an fp32 one: a few units of bf16's 8-bit mantissa
 BF16_GRAD_RTOL = 3e-2  # gradients through batch-statistics BatchNorm in bf16 drift further (1.2% seen)

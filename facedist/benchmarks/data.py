@@ -23,7 +23,6 @@ import json
 import time
 
 import cv2
-import numpy as np
 import torch
 from PIL import Image
 

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from facedist.config import Config, _fill_dependent_defaults
+from facedist.config import Config, load_config
 from facedist.heads import MATMUL_DTYPES, build_head
 from facedist.model import build_model
 from facedist.optim import build_optimizer
@@ -143,12 +143,9 @@ def train_step(cfg: Config, head, head_optimizer, local_batch: int, world_size: 
 
 
 def _config(args, rate: float) -> Config:
-    cfg = Config()
-    cfg.model.embedding_dim, cfg.loss.head, cfg.loss.sample_rate = args.dim, args.head, rate
-    cfg.optim.name, cfg.train.mixed_precision = args.optim, args.mixed_precision
-    cfg.model.backbone, cfg.model.image_size = args.backbone, args.image_size
-    _fill_dependent_defaults(cfg)  # optim.weight_decay: 5e-4 for sgd, as a loaded config gets
-    return cfg
+    return load_config(None, [f"model.embedding_dim={args.dim}", f"loss.head={args.head}", f"loss.sample_rate={rate}",
+                              f"optim.name={args.optim}", f"train.mixed_precision={args.mixed_precision}",
+                              f"model.backbone={args.backbone}", f"model.image_size={args.image_size}"])
 
 
 def _rank_main(rank: int, world_size: int, port: int, args, out_dir: str) -> None:
