@@ -1,4 +1,4 @@
-"""Benchmarks that print figures (JSON), never pass/fail: `python -m facedist.bench {shards,train,head,eval} ...`."""
+"""Benchmarks that print figures (JSON), never pass/fail: `python -m facedist.bench {shards,train,head,data,eval,model,loss} ...`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ BENCHMARKS = {
     "shards": "shard conversion throughput (images/s) for 1 and 2 workers",
     "train": "training images/s: model only, data only, end to end, and a plain baseline loop",
     "head": "sharded margin head: memory per rank and step time for 10k..1M identities",
+    "data": "training input pipeline per core (read, decode, warp, device step) vs the previous pipeline",
     "eval": "1:1 verification: pairs scored per second for 10k and 50k embeddings",
+    "model": "parameters and FLOPs/MACs of embedding models (torch's flop counter)",
+    "loss": "pair losses over a global batch of 1,024 / 4,096: peak memory and time per rank",
 }
 
 

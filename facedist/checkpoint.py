@@ -10,6 +10,10 @@ Layout of `output_dir/checkpoints/step_XXXXXXXX/` (shared file system across nod
 
 A checkpoint is first written as `.step_XXXXXXXX.partial` and renamed when every rank has finished, so a
 process killed mid-write leaves the previous checkpoint as the latest usable one.
+
+Rolling back: resuming from a checkpoint older than the newest starts a new line of training. The newer
+checkpoints and their metrics.jsonl lines move to `checkpoints/superseded-<UTC time>/` (kept, recoverable:
+move them back), so `--resume auto` and keep-last-k see only the current line.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from facedist.config import config_from_dict
+from facedist.durable import fsync_directory
 
 CHECKPOINTS = "checkpoints"
 EMBEDDING_FILE = "model.safetensors"
@@ -54,6 +60,33 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def supersede_newer(output_dir: str | Path, step: int) -> Path | None:
+    """Move the checkpoints after `step` to checkpoints/superseded-<UTC time>/; that folder, or None if none."""
+    newer = [p for p in list_checkpoints(output_dir) if int(p.name.removeprefix("step_")) > step]
+    if not newer:
+        return None
+    folder = Path(output_dir) / CHECKPOINTS / f"superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    folder.mkdir()
+    for path in newer:
+        os.replace(path, folder / path.name)
+    fsync_directory(folder)
+    fsync_directory(folder.parent)
+    print(f"resume: rolled back to step {step}; moved the newer checkpoints ({', '.join(p.name for p in newer)}) "
+          f"and their metrics.jsonl lines to {folder}", flush=True)
+    return folder
+
+
+def supersede_log_lines(metrics_file: Path, step: int, superseded: Path | None) -> None:
+    """Keep the lines of `metrics_file` up to `step`; later ones go to superseded/metrics.jsonl when given
+    (a rolled-back branch), else are dropped (an interrupted run, which the resumed one repeats exactly)."""
+    lines = metrics_file.read_text().splitlines()
+    later = [line for line in lines if json.loads(line)["step"] > step]
+    if superseded is not None and later:
+        write_atomic(superseded / metrics_file.name, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in later)))
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    write_atomic(metrics_file, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from a checkpoint directory or a training output_dir (its latest)."""
     path = Path(path)
@@ -73,6 +106,7 @@ def write_atomic(path: Path, write) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_directory(path.parent)
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -120,6 +154,36 @@ def load_embedding_model(path: str | Path, device: str | torch.device = "cpu"):
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint: {file} does not fit {model_cfg.backbone}: {str(err)[:200]}") from err
     return model.to(device).eval(), meta["preprocessing"], file.parent
+
+
+def init_weights_from(model: torch.nn.Module, source: str | Path) -> str:
+    """Fine-tuning start (`model.init_from`): a run's latest checkpoint, a checkpoint or its model.safetensors
+    give the whole embedding model at its evaluation weights; any other file (e.g. InsightFace's
+    backbone.pth) gives the backbone, as model.pretrained. Returns what was loaded, for the log."""
+    from safetensors.torch import load_file
+
+    from facedist.model import load_backbone_weights
+
+    path = Path(source)
+    if path.is_dir():
+        path = resolve_checkpoint(path) / EMBEDDING_FILE
+    if path.suffix == ".safetensors" and path.is_file():
+        try:
+            read_embedding_metadata(path)
+        except CheckpointError:  # safetensors without facedist metadata: backbone weights
+            pass
+        else:
+            try:
+                model.load_state_dict(load_file(str(path)))
+            except RuntimeError as err:
+                raise CheckpointError(f"model.init_from: {path} does not fit this model: "
+                                      f"{str(err).splitlines()[0][:200]}") from err
+            return f"the embedding model of {path}"
+    try:
+        load_backbone_weights(model.backbone, path)
+    except (FileNotFoundError, ValueError) as err:
+        raise CheckpointError(str(err).replace("model.pretrained", "model.init_from", 1)) from err
+    return f"the backbone weights in {path}"
 
 
 def dependencies(cfg, num_classes: int, data_fingerprint: str) -> dict[str, Any]:
@@ -171,6 +235,7 @@ class CheckpointWriter:
             meta = {"format_version": FORMAT_VERSION, "step": step, **meta}
             write_atomic(partial / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
             os.replace(partial, final)
+            fsync_directory(final.parent)
             for old in list_checkpoints(self.output_dir)[: -self.keep] if self.keep > 0 else []:
                 shutil.rmtree(old)
         self.barrier()

@@ -40,17 +40,24 @@ class DataConfig:
     shards: str = "shards/synth"
     split_train: str = "train"
     split_val: str = "val"
-    classes_per_batch: int = 8  # P, per process
-    images_per_class: int = 4  # M
+    sampler: Literal["class_balanced", "random"] = "class_balanced"  # random: uniform over images (margin heads)
+    classes_per_batch: int = 8  # P, per process (class_balanced)
+    images_per_class: int = 4  # M (class_balanced)
+    batch_size: int = 128  # images per process and step (random)
     num_workers: int = 2
     decode: Literal["cpu", "gpu"] = "cpu"  # gpu: nvJPEG + warp on the device (JPEG shards, CUDA), else falls back
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def images_per_step(self) -> int:
+        """Images per process and step: batch_size for the random sampler, P x M for class_balanced."""
+        return self.batch_size if self.sampler == "random" else self.classes_per_batch * self.images_per_class
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "tf_efficientnetv2_b0"
     pretrained: str | None = None  # local weights file; nothing is downloaded
+    init_from: str | None = None  # fine-tune: a run, checkpoint or weights file; fresh step, optimizer and head
     embedding_dim: int = 512
     image_size: int = 112
     bn: Literal["batch", "sync", "frozen"] = "batch"
@@ -66,7 +73,7 @@ class LossConfig:
     miner: Literal["none", "hard", "semihard"] = "none"
     head: Literal["none", "arcface", "cosface", "sphereface", "adacos_fixed", "adacos", "combined"] = "none"
     scale: float = 64.0
-    margin: float = 0.5
+    margin: float | None = None  # not set: the head's paper value (HEAD_PAPER_MARGINS)
     m1: float = 1.0
     m2: float = 0.5
     m3: float = 0.0
@@ -81,15 +88,18 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["radam_schedulefree", "adamw_schedulefree", "sgd_schedulefree", "adamw_cosine"] = (
+    name: Literal["radam_schedulefree", "adamw_schedulefree", "sgd_schedulefree", "adamw_cosine", "sgd"] = (
         "radam_schedulefree"
     )
     lr: float = 1e-4
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # not set: 5e-4 for sgd (arcface_torch's), else 0
     warmup_steps: int = 0
     backbone_lr_scale: float = 1.0  # the pretrained backbone's lr = lr x this; the neck gets lr
     betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float = 0.9  # sgd_schedulefree only
+    momentum: float = 0.9  # sgd and sgd_schedulefree
+    nesterov: bool = False  # sgd
+    schedule: Literal["polynomial", "cosine"] = "polynomial"  # sgd, after the linear warmup
+    power: float = 2.0  # sgd's polynomial decay: lr x (1 - progress) ** power, arcface_torch's PolynomialLRWarmup
     grad_clip: float = 0.0  # global L2 norm; 0 disables
 
 
@@ -115,6 +125,8 @@ class EvalConfig:
     max_images: int = 0  # 0: the whole validation split
     batch_size: int = 64
     bn_recal_batches: int = 8  # ScheduleFree: batches to re-estimate BN statistics at the eval weights
+    projector_points: int = 1000  # TensorBoard projector, last evaluation only: a seeded subset; 0 disables
+    timeout_s: int = 3600  # other ranks wait this long for the main one's share (report, plots, TensorBoard)
     bins: list[str] = field(default_factory=list)  # verification .bin sets (lfw.bin, ...): `<set>_acc` every `every` steps
 
 
@@ -141,6 +153,10 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     return value
 
+
+# ArcFace (Deng et al. 2019) m = 0.5, CosFace (Wang et al. 2018) m = 0.35, SphereFace (Liu et al. 2017) m = 4;
+# the AdaCos heads have no margin and `combined` uses m1/m2/m3, so loss.margin stays unset (None) for them
+HEAD_PAPER_MARGINS = {"arcface": 0.5, "cosface": 0.35, "sphereface": 4.0}
 
 YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
 
@@ -222,8 +238,17 @@ def _parse_override(item: str) -> dict[str, Any]:
     return nested
 
 
+def _fill_dependent_defaults(cfg: Config) -> None:
+    """Keys whose default depends on another key: None ("not set") becomes the value actually used."""
+    if cfg.optim.weight_decay is None:
+        cfg.optim.weight_decay = 5e-4 if cfg.optim.name == "sgd" else 0.0
+    if cfg.loss.margin is None:
+        cfg.loss.margin = HEAD_PAPER_MARGINS.get(cfg.loss.head)
+
+
 def _validate(cfg: Config) -> None:
     positive = {
+        "data.batch_size": cfg.data.batch_size,
         "data.classes_per_batch": cfg.data.classes_per_batch,
         "data.images_per_class": cfg.data.images_per_class,
         "model.embedding_dim": cfg.model.embedding_dim,
@@ -234,6 +259,7 @@ def _validate(cfg: Config) -> None:
         "checkpoint.keep": cfg.checkpoint.keep,
         "eval.batch_size": cfg.eval.batch_size,
         "train.timeout_s": cfg.train.timeout_s,
+        "eval.timeout_s": cfg.eval.timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -244,6 +270,8 @@ def _validate(cfg: Config) -> None:
         "eval.every": cfg.eval.every,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.grad_clip": cfg.optim.grad_clip,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "eval.projector_points": cfg.eval.projector_points,
     }.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
@@ -255,8 +283,23 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("loss.pair and loss.head are both 'none': choose at least one loss")
     if cfg.loss.pair != "none" and cfg.data.images_per_class < 2:
         raise ConfigError(f"data.images_per_class: pair losses need >= 2 images per class, got {cfg.data.images_per_class}")
-    if cfg.loss.adarand and not cfg.model.pretrained:
-        raise ConfigError("loss.adarand: regularises fine-tuning toward pretrained features; set model.pretrained")
+    if cfg.loss.miner != "none" and cfg.loss.pair != "triplet":
+        raise ConfigError(f"loss.miner={cfg.loss.miner}: mines triplets for loss.pair=triplet, not {cfg.loss.pair}")
+    if cfg.loss.adarand and not (cfg.model.pretrained or cfg.model.init_from):
+        raise ConfigError("loss.adarand: regularises fine-tuning toward pretrained features; set model.pretrained "
+                          "or model.init_from")
+    if cfg.data.sampler == "random" and cfg.loss.pair != "none":
+        raise ConfigError(f"data.sampler=random with loss.pair={cfg.loss.pair}: uniform batches hold few positive "
+                          "pairs; use data.sampler=class_balanced for pair losses")
+    if cfg.model.pretrained and cfg.model.init_from:
+        raise ConfigError("model.pretrained and model.init_from are both set: init_from replaces the pretrained "
+                          "weights; set one")
+    if cfg.optim.name == "radam_schedulefree" and cfg.optim.warmup_steps > 0:
+        raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps}: radam_schedulefree has no warm-up (RAdam's "
+                          "rectification is its warm-up); set 0 or use adamw_schedulefree, sgd_schedulefree or adamw_cosine")
+    if cfg.loss.head in HEAD_PAPER_MARGINS and cfg.loss.margin is None:
+        raise ConfigError(f"loss.margin: loss.head={cfg.loss.head} needs a margin (its paper's: "
+                          f"{HEAD_PAPER_MARGINS[cfg.loss.head]})")
     names = [Path(path).stem for path in cfg.eval.bins]
     if len(set(names)) != len(names):
         raise ConfigError(f"eval.bins: two sets share a name ({', '.join(names)}); each logs as <file stem>_acc")
@@ -273,7 +316,7 @@ def _validate(cfg: Config) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file at `path`, then `key=value` overrides, then validation."""
+    """Defaults, then the YAML file at `path`, then `key=value` overrides, then dependent defaults, then validation."""
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -288,6 +331,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _apply(cfg, values)
     for item in overrides:
         _apply(cfg, _parse_override(item))
+    _fill_dependent_defaults(cfg)
     _validate(cfg)
     return cfg
 
@@ -301,4 +345,5 @@ def config_from_dict(values: dict[str, Any]) -> Config:
         del augment["color_jitter"]
         values = {**values, "data": {**values["data"], "augment": augment}}
     _apply(cfg, values)
+    _fill_dependent_defaults(cfg)
     return cfg

@@ -1,5 +1,9 @@
 """The embedding model: an optional lighting normalisation of the input, a timm backbone without classifier,
-then a linear + BatchNorm neck to D dims."""
+then a linear + BatchNorm neck to D dims.
+
+Backbones that end in the embedding themselves (InsightFace's IResNets and MobileFaceNet, facedist/backbones.py)
+get no neck, and their InsightFace weights load strictly by name.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from torch import nn
 import facedist  # noqa: F401  (torchvision compat before timm)
 import timm
 
+from facedist.backbones import FACE_BACKBONES
 from facedist.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -55,7 +60,8 @@ class RetinexNormalisation(nn.Module):
 
 class EmbeddingModel(nn.Module):
     """[input normalisation ->] backbone features -> Linear -> BatchNorm1d: the insightface-style neck,
-    unnormalised output."""
+    unnormalised output. A backbone with `gives_embedding` already ends in FC + BatchNorm1d to
+    `embedding_dim`: no neck."""
 
     def __init__(self, backbone: nn.Module, embedding_dim: int, input_norm: nn.Module | None = None):
         super().__init__()
@@ -63,10 +69,15 @@ class EmbeddingModel(nn.Module):
         self.backbone = backbone
         # timm models with a pre-logits layer (e.g. MobileNetV3) output head_hidden_size, not num_features
         features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
-        self.neck = nn.Sequential(
-            nn.Linear(features, embedding_dim, bias=False),
-            nn.BatchNorm1d(embedding_dim),
-        )
+        if getattr(backbone, "gives_embedding", False):
+            if features != embedding_dim:
+                raise ValueError(f"model.embedding_dim={embedding_dim}: the backbone gives {features}-d embeddings")
+            self.neck = nn.Identity()
+        else:
+            self.neck = nn.Sequential(
+                nn.Linear(features, embedding_dim, bias=False),
+                nn.BatchNorm1d(embedding_dim),
+            )
         self.freeze_bn = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -125,6 +136,9 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     path = Path(path)
     state = _read_weights(path)
     target = backbone.state_dict()
+    if getattr(backbone, "gives_embedding", False):
+        _load_strict(backbone, state, target, path)
+        return
     dropped = [k for k in state if k not in target and k.startswith(_CLASSIFIER_PREFIXES)]
     if dropped:
         log.warning("model.pretrained: ignoring the file's classifier (%s)", ", ".join(dropped))
@@ -150,10 +164,30 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         raise ValueError(f"model.pretrained: {path} lacks backbone weights, e.g. {missing[:3]}")
 
 
+def _load_strict(backbone: nn.Module, state: dict, target: dict, path: Path) -> None:
+    """Exactly the backbone's keys and shapes (InsightFace's names), or one error naming what differs."""
+    missing, unexpected = [k for k in target if k not in state], [k for k in state if k not in target]
+    if missing or unexpected:
+        def some(keys):
+            return f"{keys[:4]}" + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+        raise ValueError(f"model.pretrained: {path} does not fit {backbone.pretrained_cfg['architecture']}: "
+                         f"missing keys {some(missing)}, unexpected keys {some(unexpected)}")
+    for key, value in state.items():
+        if value.shape != target[key].shape:
+            raise ValueError(f"model.pretrained: {path}: {key} has shape {tuple(value.shape)}, "
+                             f"backbone expects {tuple(target[key].shape)}")
+    backbone.load_state_dict(state, strict=True)
+
+
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> EmbeddingModel:
     """Backbone from timm (no download: weights only from `cfg.pretrained`) + neck, BN mode applied."""
+    face = cfg.backbone in FACE_BACKBONES
+    if face and cfg.image_size != 112:
+        raise ValueError(f"model.image_size={cfg.image_size}: {cfg.backbone} takes 112 x 112 faces (its embedding FC "
+                         "sits over the 7 x 7 map); set model.image_size=112")
     try:
-        backbone = timm.create_model(cfg.backbone, pretrained=False, num_classes=0)
+        backbone = timm.create_model(cfg.backbone, pretrained=False, num_classes=0,
+                                     **({"embedding_dim": cfg.embedding_dim} if face else {}))
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise ValueError(f"model.backbone: {err}") from err
     if cfg.pretrained:

@@ -1,4 +1,4 @@
-"""Optimizers (ScheduleFree family, AdamW + cosine baseline) and what ScheduleFree needs around them.
+"""Optimizers (ScheduleFree family, AdamW + cosine, SGD + polynomial decay) and what ScheduleFree needs around them.
 
 ScheduleFree keeps two points: y, where gradients are taken (the model's weights while training), and
 x, the average that should be evaluated and exported. `evaluation_state_dict` computes x from y and the
@@ -38,8 +38,9 @@ def model_param_groups(model: nn.Module, backbone_lr_scale: float) -> list:
 
 
 def build_optimizer(params: Iterable, cfg: OptimConfig, max_steps: int, lr_scale: float = 1.0):
-    """(optimizer, LR scheduler or None). ScheduleFree needs no schedule; AdamW gets warmup + cosine.
-    `params` may be groups (dicts) with an "lr_scale" of their own."""
+    """(optimizer, LR scheduler or None). ScheduleFree needs no schedule; AdamW gets warmup + cosine, SGD
+    (arcface_torch's recipe) warmup + polynomial decay or cosine (`lr_schedule`). `params` may be groups
+    (dicts) with an "lr_scale" of their own."""
     lr = cfg.lr * lr_scale
     params = [{**{k: v for k, v in group.items() if k != "lr_scale"}, "lr": lr * group.get("lr_scale", 1.0)}
               if isinstance(group, dict) else group for group in params]
@@ -51,11 +52,33 @@ def build_optimizer(params: Iterable, cfg: OptimConfig, max_steps: int, lr_scale
     elif cfg.name == "sgd_schedulefree":
         optimizer = schedulefree.SGDScheduleFree(params, lr=lr, momentum=cfg.momentum,
                                                  weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps)
+    elif cfg.name == "sgd":
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                    nesterov=cfg.nesterov)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, max_steps))
     else:
         optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, max_steps))
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, max_steps))
     optimizer.train()  # ScheduleFree optimizers start in eval mode
     return optimizer, None
+
+
+def lr_schedule(cfg: OptimConfig, max_steps: int):
+    """The LR multiplier of the non-ScheduleFree optimizers, per optimizer step (backbone and head alike)."""
+    if cfg.name == "sgd" and cfg.schedule == "polynomial":
+        return warmup_polynomial(cfg.warmup_steps, max_steps, cfg.power)
+    return warmup_cosine(cfg.warmup_steps, max_steps)
+
+
+def warmup_polynomial(warmup_steps: int, max_steps: int, power: float):
+    """LR multiplier: linear warmup to 1, then (1 - progress) ** power to 0 at max_steps (arcface_torch's
+    PolynomialLRWarmup: without warmup, step 0 runs at the full lr)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return max(0.0, 1.0 - progress) ** power
+    return factor
 
 
 def warmup_cosine(warmup_steps: int, max_steps: int):
@@ -131,20 +154,35 @@ def grad_norm_squared(params: Iterable[torch.Tensor]) -> torch.Tensor:
     grads = [p.grad.detach().float() for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.stack([g.pow(2).sum() for g in grads]).sum()
+    return torch.stack(torch._foreach_norm(grads)).square().sum()
+
+
+def clip_grads_(params: Iterable[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
+    """Scale gradients so `total_norm` becomes at most `max_norm`, on the device (no host read): a
+    non-finite norm leaves them as they are (that step is skipped)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if max_norm <= 0 or not grads:
+        return
+    scale = torch.where(torch.isfinite(total_norm), (max_norm / (total_norm + 1e-6)).clamp(max=1.0), 1.0)
+    for device_grads in _by_device(grads).values():
+        torch._foreach_mul_(device_grads, scale.to(device_grads[0].device))
+
+
+def _by_device(tensors: list[torch.Tensor]) -> dict:
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return groups
 
 
 def clip_grad_norm_(replicated: list[torch.Tensor], sharded: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Clip by one global norm: replicated (DDP) gradients counted once, sharded head rows summed over ranks.
 
-    Returns the global norm before clipping (non-finite when any gradient is)."""
+    Returns the global norm before clipping (non-finite when any gradient is). The trainer gets the sharded
+    sum from its step's one flag all-reduce instead (`distributed.StepFlags`) and calls `clip_grads_`."""
     local = grad_norm_squared(sharded)
     if sharded:
         local = distributed.all_reduce(local.to(sharded[0].device), "sum")
     total = (grad_norm_squared(replicated).to(local.device) + local).sqrt()
-    if max_norm > 0 and torch.isfinite(total):
-        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for p in replicated + sharded:
-            if p.grad is not None:
-                p.grad.mul_(scale.to(p.grad.device))
+    clip_grads_(replicated + sharded, total, max_norm)
     return total

@@ -32,11 +32,19 @@ class StopRequest:
     def _record(self, signum, frame) -> None:
         self.signal_name = signal.Signals(signum).name
 
-    def should_stop(self, device: torch.device | str = "cpu") -> bool:
-        stop = distributed.any_rank(self.signal_name is not None, device)
-        if stop and self.signal_name is None:
+    @property
+    def requested(self) -> bool:
+        """A signal reached this process (this rank's vote)."""
+        return self.signal_name is not None
+
+    def agree(self, any_rank_requested: bool) -> bool:
+        """Record the ranks' agreed answer (e.g. from the step's fused flags, `distributed.StepFlags`)."""
+        if any_rank_requested and self.signal_name is None:
             self.signal_name = "a signal on another rank"
-        return stop
+        return any_rank_requested
+
+    def should_stop(self, device: torch.device | str = "cpu") -> bool:
+        return self.agree(distributed.any_rank(self.requested, device))
 
 
 def requeue_if_slurm() -> bool:

@@ -22,7 +22,6 @@ import dataclasses
 import itertools
 import json
 import resource
-import time
 
 import torch
 from accelerate import Accelerator
@@ -34,15 +33,16 @@ from facedist import checkpoint, distributed, zero
 from facedist.config import Config, ConfigError, load_config
 from facedist.data.dataset import make_eval_loader, make_train_loader
 from facedist.data.device_augment import DeviceAugment
-from facedist.data.index import ShardIndex
+from facedist.data.index import ShardIndex, raise_open_file_limit
 from facedist.data.shards import ShardError, load_manifest
 from facedist.evaluation.bins import TrainingBinEval
-from facedist.evaluation.report import evaluate_embeddings
+from facedist.evaluation.validation import evaluate_validation, validation_index, wait_group
 from facedist.losses import Objective
 from facedist.model import build_model, preprocessing
-from facedist.optim import (build_optimizer, clip_grad_norm_, current_lr, evaluation_state_dict, is_schedule_free,
-                            model_param_groups, recalibrate_batchnorm)
+from facedist.optim import (build_optimizer, clip_grads_, current_lr, evaluation_state_dict, grad_norm_squared,
+                            is_schedule_free, model_param_groups, recalibrate_batchnorm)
 from facedist.preemption import StopRequest, process_group_kwargs, requeue_if_slurm
+from facedist.throughput import StepTimer
 
 
 def parse_args(argv=None):
@@ -57,15 +57,14 @@ def parse_args(argv=None):
 class MetricsLog:
     """metrics.jsonl + TensorBoard on the main process; on resume both continue from the checkpoint's step."""
 
-    def __init__(self, output_dir: Path, start_step: int, enabled: bool):
+    def __init__(self, output_dir: Path, start_step: int, enabled: bool, superseded: Path | None = None):
         self.enabled, self.path = enabled, output_dir / "metrics.jsonl"
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        if self.path.exists():  # drop what an interrupted run logged after the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if self.path.exists():  # lines after the checkpoint we resume from: an interrupted run's, or a
+            checkpoint.supersede_log_lines(self.path, start_step, superseded)  # rolled-back branch's (kept aside)
         self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, record: dict) -> None:
@@ -96,6 +95,7 @@ def main(argv=None) -> int:
     except ConfigError as err:
         raise SystemExit(f"config error: {err}")
     output_dir = Path(cfg.output_dir)
+    raise_open_file_limit()  # soft -> hard: shard files, sockets and workers' pipes all count
     stop = StopRequest()
     stop.install()  # first: a SIGUSR1 during start-up (default action: die) becomes a stop after step 1
 
@@ -115,10 +115,8 @@ def main(argv=None) -> int:
 
     # --- data: random access into shards; rank r loads slice r of each global batch
     train_index = ShardIndex(cfg.data.shards, cfg.data.split_train)
-    if train_index.image_size != cfg.model.image_size:  # resizing every image on the fly would hide it
-        raise SystemExit(f"data.shards: {cfg.data.shards} holds {train_index.image_size} px images but "
-                         f"model.image_size={cfg.model.image_size}; rebuild the shards with --size {cfg.model.image_size}")
-    val_index = ShardIndex(cfg.data.shards, cfg.data.split_val) if cfg.eval.every > 0 else None
+    val_index = validation_index(cfg)
+    eval_group = wait_group(cfg.eval.timeout_s) if val_index is not None else None
 
     # --- model, objective, optimizers
     try:
@@ -144,7 +142,7 @@ def main(argv=None) -> int:
     dependencies = checkpoint.dependencies(cfg, train_index.num_classes, fingerprint)
 
     # --- resume: weights and optimizer state before `prepare`, then the loop continues at the saved step
-    start_step, resume_from = 0, None
+    start_step, resume_from, superseded = 0, None, None
     if args.resume:
         resume_from = (checkpoint.latest_checkpoint(output_dir) if args.resume == "auto"
                        else checkpoint.resolve_checkpoint(args.resume))
@@ -163,7 +161,14 @@ def main(argv=None) -> int:
             adarand.load_checkpoint(resume_from / "adarand", adarand_optimizer)
         start_step = meta["step"]
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
-    elif adarand is not None:  # class Gaussians from the pretrained model's features of this rank's classes
+        if is_main:  # rolled back: the newer checkpoints (and their log lines) are another branch, kept aside
+            superseded = checkpoint.supersede_newer(output_dir, start_step)
+        if cfg.model.init_from:
+            accelerator.print(f"model.init_from={cfg.model.init_from} ignored: resuming this run's checkpoint wins")
+    elif cfg.model.init_from:  # a new run: step 0, fresh optimizer and head, weights from elsewhere
+        accelerator.print(f"model.init_from: starting from {checkpoint.init_weights_from(model, cfg.model.init_from)}")
+    if resume_from is None and adarand is not None:
+        # class Gaussians from the pretrained model's features of this rank's classes
         own = adarand.own_samples(train_index.class_offsets)
         loader = make_eval_loader(train_index, prep, cfg.eval.batch_size, num_workers=cfg.data.num_workers,
                                   samples=range(own.start, own.stop))
@@ -185,7 +190,7 @@ def main(argv=None) -> int:
     train_loader = make_train_loader(train_index, cfg.data, prep, world, rank, cfg.train.seed, start_step)
     to_model_input = DeviceAugment(train_loader.dataset, device, cfg.model.channels_last)  # uint8 -> augmented floats
     steps_per_epoch = train_loader.batch_sampler.steps_per_epoch
-    log = MetricsLog(output_dir, start_step, is_main)
+    log = MetricsLog(output_dir, start_step, is_main, superseded)
     bin_eval = TrainingBinEval(cfg.eval.bins, prep, cfg.eval.batch_size, cfg.data.num_workers)  # eval.bins: <set>_acc
     bin_eval.restore_best(log.path)
     writer = checkpoint.CheckpointWriter(output_dir, cfg.checkpoint.keep, rank, accelerator.wait_for_everyone)
@@ -203,24 +208,10 @@ def main(argv=None) -> int:
                 recalibrate_batchnorm(eval_model, (to_model_input(batch)[0] for batch in batches))
         return eval_model.eval()
 
-    def evaluate(eval_model, step: int) -> dict:
-        """Embed the validation identities (split across ranks, gathered) and run facedist-eval's suite on them."""
-        embeddings, labels = [], []
-        loader = make_eval_loader(val_index, prep, cfg.eval.batch_size, world, rank, cfg.eval.max_images,
-                                  num_workers=cfg.data.num_workers)
-        with torch.no_grad(), accelerator.autocast():
-            for images, batch_labels, _ in loader:
-                embeddings.append(eval_model(images.to(device)).float())
-                labels.append(batch_labels.to(device))
-        embeddings = distributed.gather_rows(torch.cat(embeddings))
-        labels = distributed.gather_rows(torch.cat(labels))
-        if not is_main:
-            return {}
-        # all of it (ROC, PR, histogram, projector) goes to TensorBoard under val/; the headline numbers to metrics.jsonl
-        metrics = evaluate_embeddings(embeddings.cpu(), labels.cpu(), tb_writer=log.tensorboard, step=step, tag="val")
-        return {"val_auc": metrics["auc"], "val_eer": metrics["eer"], "val_tar@far=1e-2": metrics["tar_at_far"]["1e-02"],
-                "val_tar@far=1e-3": metrics["tar_at_far"]["1e-03"], "val_accuracy": metrics["accuracy_kfold"]["mean"],
-                "val_rank1": metrics["cmc"]["rank1"]}
+    def evaluate(eval_model, step: int) -> dict | None:
+        """Validation metrics (rank 0; {} elsewhere), or None when a stop signal came meanwhile (abandoned)."""
+        return evaluate_validation(eval_model, val_index, cfg, prep, device, accelerator.autocast, step,
+                                   log.tensorboard if is_main else None, eval_group, lambda: stop.should_stop(device))
 
     def save(step: int, eval_model: torch.nn.Module) -> None:
         train_state = {
@@ -246,14 +237,15 @@ def main(argv=None) -> int:
     model.train()
     if start_step == 0 and val_index is not None:
         eval_model = evaluation_model()
-        log.write({"step": 0, "epoch": 0, **evaluate(eval_model, 0), **bin_eval(eval_model)})
+        log.write({"step": 0, "epoch": 0, **(evaluate(eval_model, 0) or {}), **bin_eval(eval_model)})
     batches = iter(train_loader)
     nonfinite_in_a_row, step, stopping = 0, start_step, False
     progress = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not is_main, desc="train")
-    tick = time.perf_counter()
+    timer, flags = StepTimer(device), distributed.StepFlags(device)
     while step < cfg.train.max_steps:
-        images, labels = to_model_input(next(batches))
-        data_wait = time.perf_counter() - tick
+        timer.waiting_for_data()
+        images, labels = to_model_input(next(batches))  # uint8 batch -> augmented, normalised floats on the device
+        timer.data_ready()
 
         with accelerator.autocast():
             embeddings = model(images)
@@ -263,15 +255,21 @@ def main(argv=None) -> int:
             accelerator.unscale_gradients()
             for side_optimizer in side_optimizers:
                 accelerator.scaler.unscale_(side_optimizer)
-        # one global norm over backbone + head shards; AdaRand's means follow their own objective, unclipped
+        # one global norm over backbone + head shards (AdaRand's means follow their own objective, unclipped);
+        # the head's share, the finiteness flags and the stop request travel in ONE all-reduce, read once
+        backbone_norm_squared = (zero.backbone_grad_norm_squared(model) if zero.is_deepspeed(accelerator)
+                                 else grad_norm_squared(raw_model.parameters()))
+        head_norm_squared = flags.reduce(logged["loss"], backbone_norm_squared, grad_norm_squared(head_params),
+                                         stop.requested)
+        grad_norm = (backbone_norm_squared.to(device) + head_norm_squared).sqrt()
         if zero.is_deepspeed(accelerator):  # DeepSpeed clipped and stepped (or skipped) the backbone in backward
-            grad_norm = zero.global_grad_norm(model, clip_grad_norm_([], head_params, cfg.optim.grad_clip))
+            clip_grads_(head_params, head_norm_squared.sqrt(), cfg.optim.grad_clip)
         else:
-            grad_norm = clip_grad_norm_(list(raw_model.parameters()), head_params, cfg.optim.grad_clip)
-        loss_bad = not torch.isfinite(logged["loss"]).item()
-        if distributed.any_rank(loss_bad or not torch.isfinite(grad_norm).item(), device):
+            clip_grads_([*raw_model.parameters(), *head_params], grad_norm, cfg.optim.grad_clip)
+        flags.read()
+        if flags.loss_bad or flags.grad_bad:
             # skipped on every rank; an fp16 overflow with a finite loss is the scaler's business, not an error
-            if accelerator.scaler is not None and not distributed.any_rank(loss_bad, device):
+            if accelerator.scaler is not None and not flags.loss_bad:
                 accelerator.scaler.update(accelerator.scaler.get_scale() * accelerator.scaler.get_backoff_factor())
             else:
                 nonfinite_in_a_row += 1
@@ -296,24 +294,25 @@ def main(argv=None) -> int:
         step += 1
         progress.update(1)
 
-        elapsed = time.perf_counter() - tick
         record = None
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            record = {"step": step, "epoch": (step - 1) // steps_per_epoch,
-                      **{k: float(v) for k, v in logged.items()}, "lr": current_lr(optimizer),
-                      "grad_norm": float(grad_norm), "images_per_s": len(labels) * world / elapsed,
-                      "data_wait_fraction": data_wait / elapsed, "memory_mb": memory_mb(device),
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:  # the only step that reads values
+            values = dict(zip([*logged, "grad_norm"], torch.stack([*logged.values(), grad_norm]).tolist()))
+            record = {"step": step, "epoch": (step - 1) // steps_per_epoch, **values, "lr": current_lr(optimizer),
+                      **timer.read(len(labels) * world), "memory_mb": memory_mb(device),
                       "nonfinite_in_a_row": nonfinite_in_a_row}
             progress.set_postfix(loss=f"{record['loss']:.4f}")
-        stopping = stop.should_stop(device)
-        eval_due = val_index is not None and (step % cfg.eval.every == 0 or step == cfg.train.max_steps)
+        stopping = stop.agree(flags.stop)
+        # stopping: checkpoint at once (Slurm's KillWait), no evaluation
+        eval_due = not stopping and val_index is not None and (step % cfg.eval.every == 0 or step == cfg.train.max_steps)
         ckpt_due = stopping or step == cfg.train.max_steps or (cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0)
         if eval_due or ckpt_due:
             eval_model = evaluation_model()
             if eval_due:
-                record = {**(record or {"step": step, "epoch": (step - 1) // steps_per_epoch}), **evaluate(eval_model, step),
-                          **bin_eval(eval_model)}
-            if ckpt_due:
+                evaluated = evaluate(eval_model, step)
+                stopping = evaluated is None  # a stop signal during the evaluation: abandoned, checkpoint now
+                record = {**(record or {"step": step, "epoch": (step - 1) // steps_per_epoch}), **(evaluated or {}),
+                          **(bin_eval(eval_model) if evaluated is not None else {})}
+            if ckpt_due or stopping:
                 save(step, eval_model)
             del eval_model
         if record is not None:
@@ -321,7 +320,6 @@ def main(argv=None) -> int:
         if stopping:
             accelerator.print(f"stopped by {stop.signal_name} at step {step}; checkpoint written")
             break
-        tick = time.perf_counter()
 
     progress.close()
     log.close()

@@ -8,7 +8,7 @@ own optimizer, clipping and checkpoint files.
 What differs from DDP, and how the trainer handles it:
 - The backbone's step happens inside `accelerator.backward` (Accelerate calls `engine.step()`): DeepSpeed
   clips by the backbone's gradient norm (gradient_clipping = optim.grad_clip; the head is clipped by its
-  own norm) and skips the step when that norm is not finite. `global_grad_norm` reads it back.
+  own norm) and skips the step when that norm is not finite. `backbone_grad_norm_squared` reads it back.
 - The optimizer runs on flat fp32 partitions: rank r holds the master weights and optimizer state of its
   slice only, so nothing in `optimizer.state` is keyed by a model parameter.
 - ScheduleFree keeps two points: y, the weights gradients are taken at, and z; the weights to evaluate and
@@ -77,7 +77,7 @@ def configure(accelerator, cfg, optimizer) -> None:
     if cfg.train.mixed_precision == "fp16":
         raise SystemExit("train.mixed_precision: fp16 is not supported with DeepSpeed, use bf16 or no "
                          "(DeepSpeed's loss scaler skips steps facedist would count as non-finite)")
-    per_process = cfg.data.classes_per_batch * cfg.data.images_per_class
+    per_process = cfg.data.images_per_step()
     ds["train_micro_batch_size_per_gpu"] = per_process
     ds["gradient_accumulation_steps"] = 1
     ds["train_batch_size"] = per_process * accelerator.num_processes
@@ -123,10 +123,9 @@ def evaluation_state_dict(model: torch.nn.Module, optimizer) -> dict[str, torch.
     return state
 
 
-def global_grad_norm(engine, head_norm: torch.Tensor) -> torch.Tensor:
-    """The gradient norm of backbone and head together; the backbone's is DeepSpeed's (inf when it skipped)."""
-    backbone = torch.as_tensor(engine.get_global_grad_norm(), dtype=torch.float32).to(head_norm.device)
-    return (backbone.square() + head_norm.float().square()).sqrt()
+def backbone_grad_norm_squared(engine) -> torch.Tensor:
+    """The backbone's squared gradient norm as DeepSpeed measured it in its step (inf when it skipped)."""
+    return torch.as_tensor(engine.get_global_grad_norm(), dtype=torch.float32).square()
 
 
 def checkpoint_files(engine, rank: int) -> dict:

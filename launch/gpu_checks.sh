@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU-only checks in one command, for a lent GPU machine (see ../shared/GPU.md): mixed-precision
 # training runs (bf16, fp16 with loss scaling), training throughput (bf16, channels_last, compile on/off,
-# against the ImageFolder + MPerClassSampler baseline) and the sharded head at 10k..1M identities.
+# against the ImageFolder + MPerClassSampler baseline), the input pipeline (CPU vs nvJPEG decode), the
+# sharded head at 10k..1M identities, the pair losses at a global batch of 1,024 / 4,096, and the host
+# syncs of a training step counted on the GPU (tests/count_syncs.py with
+# torch.cuda.set_sync_debug_mode("warn"): CUDA's own warnings in the log).
 # Writes JSON and logs under $OUT (default runs/gpu_checks). Commit the figures with the device name.
 #   bash launch/gpu_checks.sh                 # on the GPU machine, from the repository root
 #   SMALL=1 bash launch/gpu_checks.sh         # a few steps of everything (also on a CPU: checks the script)
@@ -45,6 +48,19 @@ for variant in "train.mixed_precision=bf16" "train.mixed_precision=bf16 model.ch
     || echo "bench train $variant FAILED"
 done
 
+# 2b. input pipeline (issue 13): images/s per core with the device step on the GPU, CPU vs nvJPEG decode, and
+# the training step at 112 px in bf16, end to end (data.decode=gpu) against model only (goal >= 0.9)
+for px in 112 224; do
+  for decode in cpu gpu; do
+    $py -m facedist.bench data --config configs/seed_2000.yaml --shards "$shards" --image-size "$px" --device cuda \
+      --out "$out/bench_data_${px}_$decode.json" "data.decode=$decode" > "$out/bench_data_${px}_$decode.log" 2>&1 \
+      || echo "bench data $px $decode FAILED"
+  done
+done
+$py -m facedist.bench train --config configs/seed_2000.yaml --steps "$bench_steps" --folder "$out/faces" \
+  --out "$out/bench_train_112_bf16_gpu_decode.json" "${overrides[@]}" model.image_size=112 train.mixed_precision=bf16 \
+  data.decode=gpu > "$out/bench_train_112_bf16_gpu_decode.log" 2>&1 || echo "bench train 112 bf16 gpu decode FAILED"
+
 # 3. the sharded head: memory per rank and step time, one GPU (more GPUs: --world-sizes 1,2,...)
 $py -m facedist.bench head --classes "$classes" --rates 1.0,0.1 --steps 5 --out "$out/bench_head.json" \
   > "$out/bench_head.log" 2>&1 || echo "bench head FAILED"
@@ -54,6 +70,17 @@ $py -m facedist.bench head --classes "$classes" --rates 1.0,0.1 --steps 5 --mixe
 $py -m facedist.bench head --classes "$classes" --rates 0.1 --steps 5 --mixed-precision bf16 --batch 32 \
   --backbone "$backbone" --image-size "$size" --out "$out/bench_head_train_step.json" \
   > "$out/bench_head_train_step.log" 2>&1 || echo "bench head train step FAILED"
+
+# 4. pair losses over a large global batch: peak memory and time per rank (W = 8 ranks' share)
+$py -m facedist.bench loss --batch 1024,4096 --pml --out "$out/bench_loss.json" > "$out/bench_loss.log" 2>&1 \
+  || echo "bench loss FAILED"
+
+# 5. what a training step waits on, on the GPU: counted syncs/collectives per step, and CUDA's sync warnings
+$py tests/count_syncs.py "$out/count_syncs" --config configs/seed_2000.yaml "${overrides[@]}" train.max_steps=6 train.log_every=3 \
+  train.mixed_precision=bf16 -- head_and_triplet loss.head=arcface "output_dir=$out/count_head_triplet" \
+  -- triplet "output_dir=$out/count_triplet" -- head loss.pair=none loss.head=arcface "output_dir=$out/count_head" \
+  > "$out/count_syncs.log" 2>&1 || echo "count syncs FAILED"
+echo "CUDA sync warnings in the counted runs: $(grep -c 'called a synchronizing CUDA operation' "$out/count_syncs.log" || true)"
 
 rm -rf "$out/faces" "$shards"  # keep what comes back small
 ls -la "$out"

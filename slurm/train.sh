@@ -28,7 +28,8 @@
 #   CPU_PROCS_PER_NODE processes per node on CPU-only nodes [1]
 #   MAIN_PORT          rendezvous port on the first node [20000 + job id mod 10000]
 #   LAUNCH_CONFIG      accelerate config template [launch/multi_node.yaml]
-#   RESUME             --resume value [auto]
+#   RESUME             --resume value of the first start [auto]; a requeued restart (SLURM_RESTART_COUNT > 0)
+#                      always resumes auto, from what this job itself last wrote
 #   NCCL_* / GLOO_SOCKET_IFNAME   passed through to the processes (network interface choice; README)
 #
 #SBATCH --job-name=facedist
@@ -70,8 +71,10 @@ else
   per_node=${CPU_PROCS_PER_NODE:-1}
   export ACCELERATE_USE_CPU=true  # gloo; Accelerate counts the processes only with this set
 fi
+resume=${RESUME:-auto}
+if ((${SLURM_RESTART_COUNT:-0} > 0)); then resume=auto; fi  # RESUME=PATH must not roll a requeued job back again
 echo "train.sh: job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on $nodes node(s) x $per_node process(es)," \
-     "main $main_addr:$port, config $config, overrides: $*"
+     "main $main_addr:$port, config $config, resume $resume, overrides: $*"
 
 # Each node's launcher ignores SIGUSR1 (an ignored signal stays ignored across exec), so when srun passes
 # the signal to every process of the step, torchrun's agent survives it and the trainers, which install
@@ -83,7 +86,7 @@ srun --kill-on-bad-exit=1 --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1
              --num_machines "$2" --num_processes "$3" --machine_rank "$SLURM_NODEID" \
              --main_process_ip "$4" --main_process_port "$5" "${@:6}"' \
   "$PYTHON" "${LAUNCH_CONFIG:-launch/multi_node.yaml}" "$nodes" "$((nodes * per_node))" "$main_addr" "$port" \
-  facedist/train.py --config "$config" --resume "${RESUME:-auto}" "$@" &
+  facedist/train.py --config "$config" --resume "$resume" "$@" &
 srun_pid=$!
 
 # Bash runs a trap only between commands, so wait in the background and pass signals on from here.

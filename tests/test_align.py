@@ -6,7 +6,7 @@ from PIL import Image
 
 pytest.importorskip("cv2", reason="face alignment needs opencv-python-headless (facedist[align])")
 
-from facedist.align import TEMPLATE_EYES, TEMPLATE_FIVE_POINTS, FaceAligner, NoFaceError, similarity_transform  # noqa: E402
+from facedist.align import TEMPLATE_FIVE_POINTS, FaceAligner, NoFaceError, similarity_transform  # noqa: E402
 from facedist.inference import embed_paths  # noqa: E402
 
 ORL = Path(__file__).resolve().parents[2] / "shared" / "data" / "orl_faces"

@@ -96,3 +96,48 @@ def test_embedding_model_round_trip(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(CheckpointError, match="junk.safetensors"):
         load_embedding_model(tmp_path / "junk.safetensors")
+
+
+def _fsynced_paths(monkeypatch) -> list[str]:
+    """Record the path behind every fd passed to os.fsync."""
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_publishing_renames_are_followed_by_a_directory_fsync(tmp_path, monkeypatch):
+    synced = _fsynced_paths(monkeypatch)
+    final = _save(_writer(tmp_path), 3)
+    assert synced[-1] == str(final.parent)  # the rename of .step_...partial into checkpoints/
+    partial = final.parent / f".{final.name}.partial"
+    assert str(partial) in synced and str(partial / "head") in synced  # the files' renames inside it
+    from facedist.data.shards import atomic_write_bytes
+
+    synced.clear()
+    atomic_write_bytes(tmp_path / "shard.tar", b"x")
+    assert synced[-1] == str(tmp_path)
+
+
+def test_rolling_back_moves_the_newer_branch_aside(tmp_path):
+    writer = _writer(tmp_path, keep=3)
+    for step in (2, 4, 6, 8):
+        _save(writer, step)
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in range(1, 9)))
+    from facedist.checkpoint import supersede_log_lines, supersede_newer
+
+    folder = supersede_newer(tmp_path, 4)
+    supersede_log_lines(log, 4, folder)
+    assert folder.parent == tmp_path / "checkpoints" and folder.name.startswith("superseded-")
+    assert sorted(p.name for p in folder.glob("step_*")) == ["step_00000006", "step_00000008"]
+    assert [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()] == [5, 6, 7, 8]
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+    for step in (5, 6, 7):  # the new branch: keep-last-k and `auto` see only it
+        _save(writer, step)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000005", "step_00000006", "step_00000007"]
+    assert latest_checkpoint(tmp_path).name == "step_00000007"
+    assert supersede_newer(tmp_path, 7) is None  # nothing newer: nothing moved

@@ -69,3 +69,69 @@ def test_yaml_boolean_words_mean_the_choice_they_spell(tmp_path):
     assert load_config(None, ["train.mixed_precision=bf16", "train.mixed_precision=no"]).train.mixed_precision == "no"
     with pytest.raises(ConfigError, match="loss.pair: True is not one of"):
         load_config(None, ["loss.pair=yes"])
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["optim.name=sgd"], 5e-4),  # arcface_torch's default for SGD
+    (["optim.name=adamw_cosine"], 0.0),
+    (["optim.name=sgd", "optim.weight_decay=1e-4"], 1e-4),  # set: kept
+    (["optim.name=sgd", "optim.weight_decay=0"], 0.0),
+])
+def test_weight_decay_default_depends_on_the_optimizer_and_is_shown(overrides, expected):
+    cfg = load_config(None, overrides)
+    assert cfg.optim.weight_decay == expected and cfg.to_dict()["optim"]["weight_decay"] == expected
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["data.sampler=random", "loss.pair=triplet", "loss.head=arcface"],
+     "data.sampler=random with loss.pair=triplet: uniform batches hold few positive pairs"),
+    (["model.pretrained=a.pth", "model.init_from=runs/x"], "model.pretrained and model.init_from are both set"),
+    (["data.batch_size=0"], "data.batch_size: must be > 0"),
+    (["optim.schedule=step"], "optim.schedule: 'step' is not one of polynomial, cosine"),
+])
+def test_recipe_combinations_refused_in_one_line(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_images_per_step_follows_the_sampler():
+    assert load_config(None, ["data.classes_per_batch=3", "data.images_per_class=5"]).data.images_per_step() == 15
+    cfg = load_config(None, ["data.sampler=random", "data.batch_size=12", "loss.pair=none", "loss.head=arcface"])
+    assert cfg.data.images_per_step() == 12
+
+
+@pytest.mark.parametrize("key", ["brightness", "contrast", "saturation", "gamma", "rotation", "translate"])
+def test_negative_augmentation_strengths_are_refused_in_one_line(key):
+    with pytest.raises(ConfigError, match=f"data.augment.{key}: must be >= 0"):
+        load_config(overrides=[f"data.augment.{key}=-0.1"])
+    with pytest.raises(ConfigError, match="data.augment.gamma: must be < 1"):
+        load_config(overrides=["data.augment.gamma=1"])
+
+
+def test_checkpoint_configs_with_color_jitter_still_load():
+    values = Config().to_dict()
+    values["data"]["augment"] = {"hflip": True, "rotation": 15.0, "crop_scale_min": 0.8, "color_jitter": 0.2}
+    augment = config_from_dict(values).data.augment
+    assert (augment.brightness, augment.contrast, augment.saturation, augment.gamma) == (0.2, 0.2, 0.2, 0.0)
+
+
+@pytest.mark.parametrize("head, margin", [("arcface", 0.5), ("cosface", 0.35), ("sphereface", 4.0), ("adacos", None)])
+def test_unset_margin_is_the_heads_paper_value_and_shown_in_to_dict(head, margin):
+    cfg = load_config(None, [f"loss.head={head}"])
+    assert cfg.loss.margin == margin and cfg.to_dict()["loss"]["margin"] == margin
+    assert load_config(None, [f"loss.head={head}", "loss.margin=0.2"]).loss.margin == 0.2  # given: kept
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["optim.warmup_steps=100"], "optim.warmup_steps=100: radam_schedulefree has no warm-up"),
+    (["data.augment.rotation=-5"], "data.augment.rotation: must be >= 0"),
+    (["eval.projector_points=-1"], "eval.projector_points: must be >= 0"),
+    (["eval.timeout_s=0"], "eval.timeout_s: must be > 0"),
+])
+def test_silently_ignored_values_are_refused(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    assert load_config(None, ["optim.name=adamw_cosine", "optim.warmup_steps=100"]).optim.warmup_steps == 100

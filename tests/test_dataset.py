@@ -1,4 +1,12 @@
 import io
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from multiprocessing import forkserver
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,7 +14,8 @@ import torch
 from PIL import Image
 
 from facedist.config import AugmentConfig, DataConfig
-from facedist.data.dataset import FaceDataset, collate_train, make_eval_loader, make_train_loader
+from facedist.data.dataset import (WORKER_CONTEXT, FaceDataset, collate_train, loader_kwargs, make_eval_loader,
+                                   make_train_loader)
 from facedist.data.device_augment import DeviceAugment
 from facedist.data.index import ShardIndex
 from facedist.data.shards import ShardError
@@ -175,3 +184,80 @@ def test_corrupt_image_names_shard_sample_and_cause(synth_shards, tmp_path):
             dataset[item]
         message = str(err.value)
         assert str(path) in message and "sample 5" in message and "corrupt JPEG" in message and "\n" not in message
+
+
+def test_gpu_decode_falls_back_to_the_cpu_with_one_line(capsys):
+    index = FakeIndex()  # png shards, and no CUDA here: either reason falls back
+    cfg = DataConfig(classes_per_batch=2, images_per_class=2, num_workers=0, augment=FULL)
+    gpu = make_train_loader(index, DataConfig(**{**cfg.__dict__, "decode": "gpu"}), PREP, 1, 0, 3)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "data.decode=gpu" in line]
+    assert len(lines) == 1 and "decoding on the CPU" in lines[0]
+    cpu = make_train_loader(index, cfg, PREP, 1, 0, 3)
+    for a, b in zip(gpu, cpu):
+        assert torch.equal(_model_input(gpu, a)[0], _model_input(cpu, b)[0])
+        break
+
+
+def _gone(pid: int, timeout: float = 15.0) -> bool:
+    """True once `pid` has exited (it may be another process's child: look at /proc, zombies count as gone)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in ("Z", "X"):
+                return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("kind", ["train", "eval"])
+def test_loader_workers_and_fork_server_survive_stop_signals_and_end_with_the_loader(synth_shards, kind):
+    """Slurm signals every process of a step: the workers and their fork server must go on; shutdown ends them."""
+    if kind == "train":
+        loader = make_train_loader(ShardIndex(synth_shards, "train"), DataConfig(classes_per_batch=2, images_per_class=2,
+                                                                                 num_workers=2), PREP, 1, 0, seed=0)
+    else:
+        loader = make_eval_loader(ShardIndex(synth_shards, "val"), PREP, batch_size=2, num_workers=2)
+    batches = iter(loader)
+    next(batches)
+    workers = [w.pid for w in batches._workers]
+    for pid in [*workers, forkserver._forkserver._forkserver_pid]:
+        os.kill(pid, signal.SIGUSR1)
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)  # signals are delivered asynchronously
+    assert len(list(itertools.islice(batches, 8))) == 8  # every worker served again (eval: 11 batches left)
+    assert all(not _gone(pid, timeout=0) for pid in workers)
+    del batches  # the DataLoader's shutdown still ends them
+    assert all(_gone(pid) for pid in workers)
+
+
+def test_a_hung_worker_is_still_ended_by_terminate():
+    loader_kwargs(1)  # the fork server, started with the stop signals blocked
+    worker = WORKER_CONTEXT.Process(target=time.sleep, args=(60,))
+    worker.start()
+    os.kill(worker.pid, signal.SIGTERM)
+    worker.join(1.0)
+    assert worker.is_alive()  # SIGTERM does not end a worker...
+    worker.terminate()  # ...what the DataLoader sends a hung one does
+    worker.join(10.0)
+    assert worker.exitcode == -signal.SIGKILL
+
+
+_ORPHAN = """
+import os, signal, sys
+from facedist.data.dataset import make_eval_loader
+from facedist.data.index import ShardIndex
+batches = iter(make_eval_loader(ShardIndex(sys.argv[1], "val"), {PREP!r}, batch_size=2, num_workers=2))
+next(batches)
+print(" ".join(str(w.pid) for w in batches._workers), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_workers_exit_when_the_trainer_dies(synth_shards):
+    proc = subprocess.run([sys.executable, "-c", _ORPHAN.format(PREP=PREP), str(synth_shards)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    workers = [int(pid) for pid in proc.stdout.split()]
+    assert len(workers) == 2 and all(_gone(pid) for pid in workers)

@@ -128,3 +128,23 @@ def test_console_script_exits_nonzero_with_one_line(tmp_path):
     done = subprocess.run([str(script), "--checkpoint", str(bogus), "a.png", "b.png"], capture_output=True, text=True)
     assert done.returncode != 0
     assert done.stderr.strip().count("\n") == 0 and str(bogus) in done.stderr
+
+
+def test_a_photo_embeds_like_its_png_shard(tiny, faces, tmp_path):
+    """Non-square photos of other sizes: facedist-embed --folder preprocesses them as the shard builder does."""
+    from facedist.data.index import ShardIndex
+    from facedist.data.shards import BuildOptions, build
+    from facedist.inference import ImageDataset, ShardImages, embed_dataset
+
+    model, pre, file = tiny
+    out = tmp_path / "emb.npz"
+    embed_main(["--checkpoint", str(file), "--folder", str(faces), "--out", str(out), "--num-workers", "0"])
+    with np.load(out) as data:
+        from_folder = data["embeddings"]
+    build(faces, tmp_path / "shards", BuildOptions(size=pre["image_size"], format="png"), progress=False)
+    images = ShardImages(ShardIndex(tmp_path / "shards", "train"), pre["image_size"])
+    from_shards = embed_dataset(model, ImageDataset(images, pre, names=images.names())).vectors
+    assert len(from_shards) == len(from_folder) == 6
+    distance = np.abs(from_shards[:, None, :] - from_folder[None, :, :]).max(axis=2)  # shard row x photo
+    assert sorted(distance.argmin(axis=1).tolist()) == list(range(6))  # a one-to-one match ...
+    assert distance.min(axis=1).max() < 1e-5  # ... within 1e-5

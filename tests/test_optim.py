@@ -26,7 +26,7 @@ def _train(net, optimizer, steps=20):
 @pytest.mark.parametrize("name", ["radam_schedulefree", "adamw_schedulefree", "sgd_schedulefree"])
 def test_evaluation_weights_equal_schedulefree_eval_and_leave_training_untouched(name):
     net = _net()
-    optimizer, scheduler = build_optimizer(net.parameters(), OptimConfig(name=name, lr=0.05), 10)
+    optimizer, scheduler = build_optimizer(net.parameters(), OptimConfig(name=name, lr=0.05, weight_decay=0.0), 10)
     assert scheduler is None and is_schedule_free(optimizer)
     _train(net, optimizer)
     before = copy.deepcopy(net.state_dict())
@@ -42,7 +42,7 @@ def test_evaluation_weights_equal_schedulefree_eval_and_leave_training_untouched
 
 def test_adamw_cosine_evaluates_its_weights_and_schedules_lr():
     net = _net()
-    optimizer, scheduler = build_optimizer(net.parameters(), OptimConfig(name="adamw_cosine", lr=1.0, warmup_steps=2), 10)
+    optimizer, scheduler = build_optimizer(net.parameters(), OptimConfig(name="adamw_cosine", lr=1.0, weight_decay=0.0, warmup_steps=2), 10)
     assert not is_schedule_free(optimizer)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in evaluation_state_dict(net, optimizer).items())
     factor = warmup_cosine(2, 10)
@@ -101,7 +101,7 @@ def test_backbone_lr_scale_gives_the_pretrained_backbone_a_lower_lr(name):
 
     model = build_model(ModelConfig(backbone="resnet10t", embedding_dim=8))
     assert len(model_param_groups(model, 1.0)) == len(list(model.parameters()))  # one plain group
-    optimizer, scheduler = build_optimizer(model_param_groups(model, 0.1), OptimConfig(name=name, lr=1e-3, warmup_steps=2), 10)
+    optimizer, scheduler = build_optimizer(model_param_groups(model, 0.1), OptimConfig(name=name, lr=1e-3, weight_decay=0.0, warmup_steps=2), 10)
     neck, backbone = optimizer.param_groups
     assert {id(p) for p in backbone["params"]} == {id(p) for p in model.backbone.parameters()}
     assert {id(p) for p in neck["params"]} == {id(p) for p in model.neck.parameters()}
@@ -112,3 +112,38 @@ def test_backbone_lr_scale_gives_the_pretrained_backbone_a_lower_lr(name):
     if scheduler is not None:
         scheduler.step()
         assert backbone["lr"] == pytest.approx(0.1 * neck["lr"])  # the schedule keeps the ratio
+
+
+def arcface_torch_polynomial_lr(base_lr, warmup, total, power, iteration):
+    """arcface_torch's PolynomialLRWarmup closed form: the lr in effect for `iteration` (0 = first step)."""
+    if iteration < warmup:
+        return None  # facedist warms up to (step + 1) / warmup, theirs from 0: compared after warmup only
+    return base_lr * (1.0 - (min(total, iteration) - warmup) / (total - warmup)) ** power
+
+
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_sgd_polynomial_schedule_is_arcface_torchs(warmup):
+    cfg = OptimConfig(name="sgd", lr=0.1, weight_decay=5e-4, warmup_steps=warmup, nesterov=True)
+    optimizer, scheduler = build_optimizer([nn.Parameter(torch.ones(2))], cfg, max_steps=20)
+    assert isinstance(optimizer, torch.optim.SGD)
+    group = optimizer.param_groups[0]
+    assert (group["momentum"], group["weight_decay"], group["nesterov"]) == (0.9, 5e-4, True)
+    for step in range(20):
+        expected = arcface_torch_polynomial_lr(0.1, warmup, 20, 2.0, step)
+        if expected is None:
+            assert group["lr"] == pytest.approx(0.1 * (step + 1) / warmup)
+        else:
+            assert group["lr"] == pytest.approx(expected, abs=1e-12)
+        optimizer.step()
+        scheduler.step()
+
+
+def test_sgd_cosine_schedule():
+    cfg = OptimConfig(name="sgd", lr=0.1, weight_decay=0.0, schedule="cosine")
+    optimizer, scheduler = build_optimizer([nn.Parameter(torch.ones(2))], cfg, max_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[5] == pytest.approx(0.05) and lrs == sorted(lrs, reverse=True)

@@ -68,3 +68,61 @@ def test_given_pairs_are_used_in_their_order(tmp_path):
     assert metrics["accuracy_kfold"] == kfold_accuracy(scores, pairs[2])
     assert metrics["average_precision"] == average_precision_score(pairs[2], scores)
     assert not list(tmp_path.iterdir())  # nothing written without out_dir
+
+
+def _split_report(rank, world_size, embeddings, labels):
+    """The report with its all-pairs and 1:N work split across the ranks, and a stop that rank 1 asks for at
+    its third check."""
+    from facedist import distributed
+    from facedist.evaluation.metrics import EvaluationAbandoned
+
+    metrics = evaluate_embeddings(torch.as_tensor(embeddings), labels, chunk_size=7, split_across_ranks=True)
+    checks = []
+
+    def should_stop():
+        checks.append(1)
+        return distributed.any_rank(rank == min(1, world_size - 1) and len(checks) == 3)
+    try:
+        verification_metrics(embeddings, labels, chunk_size=7, split_across_ranks=True, should_stop=should_stop)
+        abandoned = False
+    except EvaluationAbandoned:
+        abandoned = True
+    return metrics, abandoned, len(checks)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_metrics_split_across_ranks_equal_one_process_exactly(world_size):
+    from dist_utils import run_distributed
+
+    embeddings, labels = _embeddings(n_ids=25, per_id=6, dim=8)
+    embeddings[:10] = embeddings[-10:]  # exact duplicates: ties between genuine and impostor scores
+    reference = evaluate_embeddings(embeddings, labels, chunk_size=7)
+    results = [_split_report(0, 1, embeddings, labels)] if world_size == 1 else run_distributed(
+        _split_report, world_size, embeddings, labels)
+    assert results[0][0] == reference  # every number, curve and histogram
+    assert all(metrics is None for metrics, _, _ in results[1:])  # the rest of the report is rank 0's
+    assert all(abandoned and checks == 3 for _, abandoned, checks in results)  # abandoned together
+
+
+def test_pair_shares_are_balanced_by_pair_count_not_rows():
+    from facedist.evaluation.metrics import triangle_share
+
+    n = 1000
+    for world_size in (1, 2, 3, 8):
+        shares = [triangle_share(n, world_size, r) for r in range(world_size)]
+        assert shares[0][0] == 0 and shares[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))  # contiguous, nothing left out
+        pairs = [sum(n - 1 - i for i in range(start, stop)) for start, stop in shares]
+        assert max(pairs) - min(pairs) <= n  # within one row's pairs of n(n-1)/2W each
+    assert triangle_share(n, 2, 0) == (0, 293)  # the first 29% of the rows hold half of the pairs
+
+
+def test_projector_holds_the_configured_seeded_subset(tmp_path):
+    embeddings, labels = _embeddings()
+    for points in (0, 7):
+        with SummaryWriter(str(tmp_path / str(points))) as writer:
+            evaluate_embeddings(embeddings, labels, tb_writer=writer, projector_points=points)
+    assert not list((tmp_path / "0").rglob("tensors.tsv"))
+    (tsv,) = (tmp_path / "7").rglob("tensors.tsv")
+    assert len(tsv.read_text().splitlines()) == 7

@@ -115,3 +115,63 @@ def test_scales_to_many_identities():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 20 * 2**20  # the epoch permutation (O(C)) dominates; nothing per sample
+
+
+# --- RandomBatchSampler: uniform over images, a keyed bijection instead of a permutation
+
+from facedist.data.sampler import KeyedPermutation, RandomBatchSampler  # noqa: E402
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4099])
+def test_keyed_permutation_is_a_bijection(n):
+    keys = np.random.default_rng(n).integers(0, 2**63, 4, dtype=np.uint64)
+    values = KeyedPermutation(n, keys)(np.arange(n))
+    assert np.array_equal(np.sort(values), np.arange(n))
+    if n > 8:
+        assert not np.array_equal(values, np.arange(n))
+        assert not np.array_equal(values, KeyedPermutation(n, keys + np.uint64(1))(np.arange(n)))
+
+
+def random_global_batch(sampler_per_rank, step):
+    return [item for sampler in sampler_per_rank for item in sampler.batch(step)]
+
+
+def test_random_epoch_visits_every_image_once_and_epochs_differ():
+    sampler = RandomBatchSampler(103, 10, world_size=2, rank=0, seed=4)
+    both = [sampler, RandomBatchSampler(103, 10, world_size=2, rank=1, seed=4)]
+    assert sampler.steps_per_epoch == 5  # 103 // 20: the partial last batch is dropped
+    epoch0 = [s for step in range(5) for s, _ in random_global_batch(both, step)]
+    epoch1 = [s for step in range(5, 10) for s, _ in random_global_batch(both, step)]
+    assert len(set(epoch0)) == 100 and len(set(epoch1)) == 100 and epoch0 != epoch1
+
+
+def test_random_global_batch_is_the_same_for_any_world_size():
+    one = [RandomBatchSampler(500, 24, 1, 0, seed=1)]
+    two = [RandomBatchSampler(500, 12, 2, r, seed=1) for r in range(2)]
+    three = [RandomBatchSampler(500, 8, 3, r, seed=1) for r in range(3)]
+    for step in (0, 1, 20, 21, 45):  # 20 steps per epoch: crosses epochs
+        expected = random_global_batch(one, step)
+        assert random_global_batch(two, step) == expected and random_global_batch(three, step) == expected
+    assert random_global_batch(one, 0) != random_global_batch([RandomBatchSampler(500, 24, 1, 0, seed=2)], 0)
+
+
+def test_random_resume_is_step_exact():
+    full = take(RandomBatchSampler(200, 8, 2, 1, seed=3), 30)
+    resumed = take(RandomBatchSampler(200, 8, 2, 1, seed=3, start_step=17), 13)
+    assert resumed == full[17:]
+
+
+def test_random_sampler_errors():
+    with pytest.raises(ValueError, match="10 images cannot fill a global batch of 2 processes x data.batch_size=8"):
+        RandomBatchSampler(10, 8, world_size=2)
+    with pytest.raises(ValueError, match="rank 2"):
+        RandomBatchSampler(100, 8, world_size=2, rank=2)
+
+
+def test_random_sampler_memory_does_not_grow_with_the_images():
+    tracemalloc.start()
+    sampler = RandomBatchSampler(42_000_000, 128, 8, 5, seed=0)  # WebFace42M: a permutation would be 336 MB
+    batches = take(sampler, 5)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2**20 and all(0 <= s < 42_000_000 for batch in batches for s, _ in batch)

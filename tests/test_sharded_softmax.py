@@ -1,8 +1,8 @@
 """ShardedMarginHead on W = 1, 2, 3 gloo processes against a single-process full-softmax reference.
 
 The reference below is written independently of the head: the whole [C, D] matrix, F.cross_entropy on
-s * cos with the margin on the target entries, torch's AdamW (one optimizer per row when classes are
-sampled, stepped only when its row was kept) or ScheduleFree on the full matrix. A linear "backbone"
+s * cos with the margin on the target entries, torch's AdamW or SGD (one optimizer per row, stepped only
+when its row was kept) or ScheduleFree on the full matrix. A linear "backbone"
 turns fixed inputs into embeddings; its gradient is averaged over ranks as DDP would, so the head's
 gather backward must scale correctly for the backbone to follow the reference trajectory.
 """
@@ -25,14 +25,15 @@ from facedist.config import Config, ConfigError
 from facedist.heads import build_head
 from facedist.heads.margins import adacos_fixed_scale, build_margin
 from facedist.heads.sharded_softmax import init_rows, sampled_classes
-from facedist.optim import warmup_cosine
+from facedist.optim import lr_schedule
 
 C, D, DIN, N, SEED, STEPS = 11, 6, 5, 12, 3, 3  # C divisible by neither 2 nor 3
 SPLITS = {1: [12], 2: [5, 7], 3: [3, 4, 5]}  # uneven local batches on purpose
 
 
-def make_config(head="arcface", optim="adamw_cosine", sample_rate=1.0, **loss) -> Config:
+def make_config(head="arcface", optim="adamw_cosine", sample_rate=1.0, nesterov=False, **loss) -> Config:
     cfg = Config()
+    cfg.optim.nesterov = nesterov
     cfg.model.embedding_dim, cfg.train.seed, cfg.train.max_steps = D, SEED, 8
     cfg.loss.head, cfg.loss.scale, cfg.loss.sample_rate, cfg.loss.head_lr_scale = head, 8.0, sample_rate, 2.0
     for key, value in loss.items():
@@ -51,6 +52,8 @@ RUNS = {
     "adacos": make_config("adacos"),
     "arcface_sampled": make_config("arcface", sample_rate=0.5),
     "adacos_sampled": make_config("adacos", sample_rate=0.5),
+    "arcface_sgd": make_config("arcface", optim="sgd"),
+    "arcface_sgd_nesterov_sampled": make_config("arcface", optim="sgd", sample_rate=0.5, nesterov=True),
     "arcface_radam_schedulefree": make_config("arcface", optim="radam_schedulefree"),
     "arcface_adamw_schedulefree": make_config("arcface", optim="adamw_schedulefree"),
     "arcface_sgd_schedulefree": make_config("arcface", optim="sgd_schedulefree"),
@@ -116,10 +119,13 @@ class Reference:
         self.scale = cfg.loss.scale if cfg.loss.head not in ("adacos", "adacos_fixed") else adacos_fixed_scale(C)
         self.rows = [torch.nn.Parameter(row) for row in init_rows(0, C, D, SEED, purpose=0)]
         lr, o = cfg.optim.lr * cfg.loss.head_lr_scale, cfg.optim
-        self.schedule = warmup_cosine(o.warmup_steps, cfg.train.max_steps)
+        self.schedule = lr_schedule(o, cfg.train.max_steps)
         if o.name == "adamw_cosine":  # one AdamW per row: a row not kept in a step is not stepped
             self.optimizers = [torch.optim.AdamW([row], lr=lr, betas=o.betas, weight_decay=o.weight_decay)
                                for row in self.rows]
+        elif o.name == "sgd":  # one SGD per row: no decay, no momentum for a row not kept
+            self.optimizers = [torch.optim.SGD([row], lr=lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                               nesterov=o.nesterov) for row in self.rows]
         else:
             cls = {"radam_schedulefree": schedulefree.RAdamScheduleFree,
                    "adamw_schedulefree": schedulefree.AdamWScheduleFree,
@@ -148,7 +154,7 @@ class Reference:
         return F.cross_entropy(logits, target), kept
 
     def step(self, kept, step):
-        if self.cfg.optim.name == "adamw_cosine":
+        if self.cfg.optim.name in ("adamw_cosine", "sgd"):
             for c in kept.tolist():
                 group = self.optimizers[c].param_groups[0]
                 group["lr"] = self.cfg.optim.lr * self.cfg.loss.head_lr_scale * self.schedule(step)
@@ -228,7 +234,8 @@ def test_misscaled_gather_backward_is_caught(spawned, world_size, factor):
         compare([r[f"arcface x{factor}"] for r in spawned["train"][world_size]], reference("arcface"), world_size)
 
 
-@pytest.mark.parametrize("name", ["arcface", "sphereface", "adacos_sampled", "arcface_radam_schedulefree"])
+@pytest.mark.parametrize("name", ["arcface", "sphereface", "adacos_sampled", "arcface_radam_schedulefree",
+                                  "arcface_sgd", "arcface_sgd_nesterov_sampled"])
 def test_single_process_without_process_group(name):
     assert not distributed.is_distributed()
     compare([train(RUNS[name], 1, 0, STEPS)], reference(name), 1)
@@ -247,8 +254,9 @@ def test_sampled_classes_keep_the_batch_and_are_reproducible():
     assert torch.equal(sampled_classes(labels, 1000, 1.0, seed=1, step=4), torch.arange(1000))
 
 
-def test_unsampled_rows_and_their_optimizer_state_do_not_move():
-    head, optimizer = build_head(make_config("arcface", sample_rate=0.5), C, 1, 0)
+@pytest.mark.parametrize("optim", ["adamw_cosine", "sgd"])
+def test_unsampled_rows_and_their_optimizer_state_do_not_move(optim):
+    head, optimizer = build_head(make_config("arcface", optim=optim, sample_rate=0.5), C, 1, 0)
     backbone = backbone_init()
     seen_untouched = 0
     for step in range(4):

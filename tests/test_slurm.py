@@ -23,7 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 20
 # The demo config, made tiny: 2 processes x P=4 identities x M=2 images per step
-OVERRIDES = ["model.backbone=resnet10t", "model.embedding_dim=16", "model.image_size=32", "data.num_workers=0",
+OVERRIDES = ["model.backbone=resnet10t", "model.embedding_dim=16", "model.image_size=32", "data.num_workers=1",
              "data.classes_per_batch=4", "data.images_per_class=2", f"train.max_steps={STEPS}",
              "train.log_every=1", "checkpoint.every=5", "eval.every=0"]
 
@@ -128,8 +128,9 @@ def test_signalled_job_checkpoints_requeues_and_resumes(cluster, synth_shards, r
     log, out = tmp_path / "job.log", tmp_path / "run"
     job = submit(synth_shards, out, log)
     wait_for(lambda: logged_steps(out) >= 3, 300, "step 3", log)
-    # what `--signal=B:USR1@...` does before the time limit: SIGUSR1 to the batch shell only
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    # SIGUSR1 to every process of the job (batch shell, launchers, trainers, loader workers, fork servers), as
+    # when Slurm signals a whole step; the batch shell passes it on too, as for `--signal=B:USR1@...`
+    subprocess.run(["scancel", "--signal=USR1", "--full", job], check=True)
     # Slurm holds a requeued job ~2 min (BeginTime); a test need not wait for that
     info = wait_for(lambda: (i := job_info(job)).get("Restarts") == "1" and i["JobState"] == "PENDING" and i,
                     120, "the job to requeue", log)
@@ -190,3 +191,20 @@ def test_killed_rank_ends_the_job_and_a_resubmission_resumes(cluster, synth_shar
     assert info["JobState"] == "COMPLETED", log2.read_text()[-3000:]
     assert f"at step {latest}" in log2.read_text()
     assert_same_losses(losses(out), reference)
+
+
+def test_resume_path_applies_to_the_first_start_only(tmp_path):
+    """RESUME=PATH on the first start; a requeued restart resumes auto, or it would roll back again."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/sh\necho "srun $*"\n')
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho node1\n")  # `scontrol show hostnames`
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    for restarts, expected in (("0", "--resume runs/x/checkpoints/step_00000004"), ("1", "--resume auto")):
+        env = {**_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_RESTART_COUNT": restarts,
+               "RESUME": "runs/x/checkpoints/step_00000004", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node1",
+               "GPUS_PER_NODE": "0"}
+        proc = subprocess.run(["bash", "slurm/train.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert expected in proc.stdout, proc.stdout

@@ -1,11 +1,16 @@
 """The trainer end to end: distributed equivalence, step-exact resume, bad configs, non-finite stops."""
 
+import contextlib
 import json
 import math
 import os
+import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,15 +23,19 @@ TINY = ["model.backbone=resnet10t", "model.embedding_dim=16", "model.image_size=
         "train.log_every=1", "eval.every=0", "checkpoint.every=0", "optim.lr=1e-3"]
 
 
+def _synth_shards(root, identities, images, size, seed, *build):
+    """root/shards from `facedist-shards synth` + `build` (png, no test split)."""
+    cli = [sys.executable, "-m", "facedist.data.cli"]
+    subprocess.run([*cli, "synth", str(root / "faces"), "--identities", str(identities), "--images-per-identity",
+                    str(images), "--size", str(size), "--seed", str(seed)], check=True, capture_output=True)
+    subprocess.run([*cli, "build", str(root / "faces"), str(root / "shards"), "--size", str(size), "--format", "png",
+                    "--test-identities", "0", "--quiet", *build], check=True, capture_output=True)
+    return root / "shards"
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    cli = [sys.executable, "-m", "facedist.data.cli"]
-    subprocess.run([*cli, "synth", str(root / "faces"), "--identities", "24", "--images-per-identity", "5",
-                    "--size", "32", "--seed", "3"], check=True, capture_output=True)
-    subprocess.run([*cli, "build", str(root / "faces"), str(root / "shards"), "--size", "32", "--format", "png",
-                    "--val-identities", "6", "--test-identities", "0", "--quiet"], check=True, capture_output=True)
-    return root / "shards"
+    return _synth_shards(tmp_path_factory.mktemp("train_data"), 24, 5, 32, 3, "--val-identities", "6")
 
 
 def _env():
@@ -94,7 +103,7 @@ def test_resume_mid_epoch_is_step_exact(shards, tmp_path):
     assert "resumed from" in out.stdout + out.stderr and "step 5" in out.stdout + out.stderr
 
     def stable(records):  # timing fields differ between runs
-        return [{k: v for k, v in r.items() if k not in ("images_per_s", "data_wait_fraction", "memory_mb")}
+        return [{k: v for k, v in r.items() if k not in ("images_per_s", "data_wait_fraction", "memory_mb", "val_time_s")}
                 for r in records]
     a, b = stable(metrics(straight)), stable(metrics(resumed))
     assert [r["step"] for r in b] == [r["step"] for r in a]  # no duplicated steps from the first run
@@ -123,9 +132,6 @@ def test_bad_shards_or_weights_file_fail_with_one_line(shards, tmp_path):
     proc = train([*TINY, f"data.shards={shards}", f"model.pretrained={tmp_path / 'junk.pt'}", f"output_dir={tmp_path}"],
                  check=False)
     assert proc.returncode != 0 and "model.pretrained" in proc.stderr and "Traceback" not in proc.stderr
-    proc = train([*TINY, f"data.shards={shards}", "model.image_size=48", "train.max_steps=1", f"output_dir={tmp_path / 'size'}"], check=False)
-    assert proc.returncode != 0 and "holds 32 px images but model.image_size=48" in proc.stderr
-    assert "Traceback" not in proc.stderr and "\n" not in proc.stderr.strip()
 
 
 @pytest.mark.slow
@@ -228,3 +234,237 @@ def test_fp16_with_loss_scaling_tracks_fp32_and_skips_overflows_without_counting
     state = torch.load(sorted((tmp_path / "overflow" / "checkpoints").glob("step_*"))[-1] / "train_state.pt",
                        weights_only=True)
     assert state["scaler"]["scale"] == 2.0 ** (24 - len(skipped))  # halved once per skipped step
+
+
+# --- the InsightFace recipe (configs/ms1mv3_r50.yaml) on CPU: a 1/8-width IResNet-18, synthetic faces, a .bin
+
+RECIPE = str(REPO / "configs" / "ms1mv3_r50.yaml")
+
+
+@pytest.fixture(scope="module")
+def recipe_run(shards, tmp_path_factory):
+    """The recipe's config, only what a CPU needs changed: the network, the data, the length, fp32."""
+    from facedist.evaluation.bins import write_bin_from_folder
+
+    root = tmp_path_factory.mktemp("recipe")
+    lfw = write_bin_from_folder(shards.parent / "faces", root / "lfw.bin", num_pairs=40, seed=1)
+    out = root / "run"
+    overrides = [f"data.shards={shards}", "model.backbone=iresnet18_narrow", "data.batch_size=16", "data.num_workers=0",
+                 "train.max_steps=12", "train.log_every=1", "train.mixed_precision=no", "eval.every=12",
+                 "eval.max_images=0", f"eval.bins=[{lfw}]", "checkpoint.every=0", f"output_dir={out}"]
+    proc = train(["--config", RECIPE, *overrides])
+    return out, overrides, proc
+
+
+def test_recipe_smoke_run_learns_and_logs_a_bin_accuracy(recipe_run):
+    out, _, _ = recipe_run
+    records = metrics(out)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses  # falling
+    final = records[-1]
+    assert final["step"] == 12 and 0.0 <= final["lfw_acc"] <= 1.0 and "val_auc" in final
+    assert records[1]["lr"] == pytest.approx(0.1 * (1 - 1 / 12) ** 2)  # logged after step 1: polynomial decay
+
+
+def test_init_from_starts_a_new_run_from_the_evaluation_weights_and_resume_wins(recipe_run, tmp_path):
+    source, overrides, _ = recipe_run
+    fine_tune = [*overrides[:-1], "train.max_steps=1", "eval.every=1", f"output_dir={tmp_path / 'ft'}",
+                 f"model.init_from={source}"]
+    proc = train(["--config", RECIPE, *fine_tune])
+    assert f"starting from the embedding model of {source}" in proc.stdout + proc.stderr
+    first = metrics(tmp_path / "ft")[0]
+    assert first["step"] == 0 and first["val_auc"] == metrics(source)[-1]["val_auc"]  # same weights, same data
+    assert first["lfw_acc"] == metrics(source)[-1]["lfw_acc"]
+    again = train(["--config", RECIPE, *fine_tune, "--resume", "auto"])  # finds step 1: nothing left to train
+    log = again.stdout + again.stderr
+    assert "resumed from" in log and f"model.init_from={source} ignored: resuming this run's checkpoint wins" in log
+
+
+def test_init_from_a_backbone_file_and_a_bad_one(recipe_run, tmp_path):
+    source, overrides, _ = recipe_run
+    backbone = {k.removeprefix("backbone."): v for k, v in load_file(str(sorted(
+        (source / "checkpoints").glob("step_*"))[-1] / "model.safetensors")).items()}
+    torch.save(backbone, tmp_path / "backbone.pth")  # as InsightFace releases them: the backbone's state dict
+    common = [*overrides[:-1], "train.max_steps=1", "eval.every=0", "eval.bins=[]", f"output_dir={tmp_path / 'ft'}"]
+    proc = train(["--config", RECIPE, *common, f"model.init_from={tmp_path / 'backbone.pth'}"])
+    assert "starting from the backbone weights in" in proc.stdout + proc.stderr
+    torch.save({"fc.weight": backbone["fc.weight"]}, tmp_path / "partial.pth")
+    proc = train(["--config", RECIPE, *common, f"output_dir={tmp_path / 'bad'}",
+                  f"model.init_from={tmp_path / 'partial.pth'}"], check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "model.init_from:" in proc.stderr and "missing keys ['conv1.weight'" in proc.stderr
+
+
+# --- what a GPU would wait on, per training step (tests/count_syncs.py counts it)
+MAX_SYNCS, MAX_COLLECTIVES = 4, 8
+COUNTED_RUNS = {"head_and_triplet": ["loss.head=arcface"], "triplet": [], "head": ["loss.pair=none", "loss.head=arcface"]}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_a_training_step_has_a_constant_number_of_syncs_and_collectives(shards, tmp_path, world):
+    """Steps 2-4 of 5 (step 3 logs; step 1 creates optimizer state, step 5 checkpoints) on every rank:
+    at most 4 device->host syncs and 8 collectives, whatever W (today's main: 6W + 7 syncs, 15 collectives)."""
+    common = [*TINY, f"data.shards={shards}", "data.classes_per_batch=2", "data.images_per_class=2",
+              "train.max_steps=5", "train.log_every=3"]
+    runs = []
+    for name, args in COUNTED_RUNS.items():
+        runs += ["--", name, *args, f"output_dir={tmp_path / name}"]
+    launcher = ([sys.executable] if world == 1 else
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(_port())])
+    proc = subprocess.run([*launcher, str(REPO / "tests" / "count_syncs.py"), str(tmp_path / "counts"), *common, *runs],
+                          env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in COUNTED_RUNS:
+        for rank in range(world):
+            steps = json.loads((tmp_path / "counts" / f"{name}_rank_{rank}.json").read_text())
+            assert len(steps) == 5
+            for step, counted in enumerate(steps[1:4], start=2):
+                syncs, collectives = sum(counted["syncs"].values()), sum(counted["collectives"].values())
+                assert syncs <= MAX_SYNCS, (name, rank, step, counted)
+                assert collectives <= MAX_COLLECTIVES, (name, rank, step, counted)
+                assert (collectives > 0) == (world > 1), (name, rank, step, counted)
+            assert sum(steps[3]["syncs"].values()) <= sum(steps[2]["syncs"].values())  # values read on logging steps
+
+
+def test_sync_counter_sees_what_pml_and_masks_do_in_cpp():
+    """The counter must catch host reads that never show in Python: PML's triplet loss (torch.where(mask),
+    boolean indexing), .tolist(), .item(); and must not count torch.optim's host-side step counters."""
+    from count_syncs import SyncCounter, _exclude_optimizer_step_counters
+    from pytorch_metric_learning import losses
+
+    counter = SyncCounter()
+    _exclude_optimizer_step_counters(counter)
+    embeddings, labels = torch.randn(8, 4, requires_grad=True), torch.arange(4).repeat(2)
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight])
+    weight.grad = torch.ones(3)
+    optimizer.step()  # creates the step counter
+    with counter:
+        losses.TripletMarginLoss()(embeddings, labels)
+    assert counter.counts["nonzero"] + counter.counts["index"] > 0, counter.counts
+    counter.counts.clear()
+    mask = embeddings[:, 0] > 0
+    with counter:
+        embeddings[mask], torch.where(mask), mask.sum().item(), mask.tolist()
+        optimizer.step()
+    assert counter.counts == {"index": 1, "nonzero": 1, "_local_scalar_dense": 1, "tolist": 1}, counter.counts
+
+
+# Stop signals reach every process of a run (Slurm signals the whole step): trainers, loader workers, their
+# fork server; the launcher's agent ignores SIGUSR1 as in slurm/train.sh. Tiny steps, so the signal lands mid-run.
+STOP_STEPS = 30
+STOP = [*TINY, "data.num_workers=2", "model.bn=frozen", "data.images_per_class=2", "optim.lr=1e-4",
+        f"train.max_steps={STOP_STEPS}"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train([*STOP, f"data.shards={shards}", "data.classes_per_batch=4", f"output_dir={out}"])
+    return [(r["step"], r["loss"]) for r in metrics(out)]
+
+
+def _process_tree(root: int) -> list[int]:
+    """`root` and all its descendants (torchrun starts the trainers in sessions of their own: no killpg)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(pid)
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def _signal_every_process_mid_run(args, nproc, out):
+    """Start a run, send SIGUSR1 to every process of it at step >= 3, wait for the end."""
+    launcher = ([sys.executable, TRAIN] if nproc == 1 else
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                 str(_port()), TRAIN])
+    ignore_usr1 = lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # noqa: E731  (the agent, as train.sh)
+    proc = subprocess.Popen([*launcher, *args, f"output_dir={out}"], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=ignore_usr1)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        for pid in _process_tree(proc.pid):  # as Slurm signals every process of a step
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]  # checkpointed and exited, no "worker exited unexpectedly"
+    stopped = re.findall(r"stopped by (SIGUSR1|a signal on another rank) at step (\d+); checkpoint written", output)
+    assert len(stopped) == 1 and 3 <= int(stopped[0][1]) < STOP_STEPS, output[-3000:]  # printed by the main process
+    step = int(stopped[0][1])
+    assert (out / "checkpoints" / f"step_{step:08d}" / "meta.json").is_file()
+    return step
+
+
+def _assert_same_losses(out, reference, rel):
+    got = [(r["step"], r["loss"]) for r in metrics(out)]
+    assert [s for s, _ in got] == [s for s, _ in reference] == list(range(1, STOP_STEPS + 1))
+    for (step, a), (_, b) in zip(got, reference):
+        assert a == pytest.approx(b, rel=rel, abs=1e-9), step
+
+
+@pytest.mark.slow
+def test_a_signal_to_every_process_checkpoints_and_resumes_exactly_then_a_rollback_moves_the_newer_aside(
+        shards, uninterrupted, tmp_path):
+    args = [*STOP, f"data.shards={shards}", "data.classes_per_batch=4", "checkpoint.every=0"]
+    out = tmp_path / "run"
+    step = _signal_every_process_mid_run(args, 1, out)
+    train([*args, f"output_dir={out}", "--resume", "auto"])
+    _assert_same_losses(out, uninterrupted, rel=1e-6)
+
+    # roll back to the signal's checkpoint: the step-30 one and the log after `step` are another branch now
+    back = train([*args, f"train.max_steps={step + 1}", f"output_dir={out}", "--resume",
+                  str(out / "checkpoints" / f"step_{step:08d}")])
+    (superseded,) = (out / "checkpoints").glob("superseded-*")
+    assert f"moved the newer checkpoints (step_{STOP_STEPS:08d})" in back.stdout + back.stderr
+    assert (superseded / f"step_{STOP_STEPS:08d}" / "meta.json").is_file()
+    assert [json.loads(line)["step"] for line in (superseded / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(step + 1, STOP_STEPS + 1))
+    assert [r["step"] for r in metrics(out)] == list(range(1, step + 2))
+    from facedist.checkpoint import latest_checkpoint
+    assert latest_checkpoint(out).name == f"step_{step + 1:08d}"  # what `--resume auto` continues from
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_signal_to_every_process_of_two_checkpoints_on_both_and_resumes_exactly(shards, uninterrupted, tmp_path):
+    args = [*STOP, f"data.shards={shards}", "data.classes_per_batch=2", "checkpoint.every=0"]
+    out = tmp_path / "run"
+    _signal_every_process_mid_run(args, 2, out)
+    train([*args, f"output_dir={out}", "--resume", "auto"], nproc=2)
+    _assert_same_losses(out, uninterrupted, rel=1e-5)  # 2 processes x P=2 = 1 process x P=4
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    """600 shards of one image each: 480 train, 120 val."""
+    out = _synth_shards(tmp_path_factory.mktemp("many_shards"), 60, 10, 16, 1, "--max-samples", "1",
+                        "--val-identities", "12")
+    assert len(list(out.glob("*.tar"))) == 600
+    return out
+
+
+def test_training_and_evaluation_over_600_shards_under_64_open_files(many_shards, tmp_path):
+    limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))  # noqa: E731  (ulimit -n 64)
+    proc = subprocess.run([sys.executable, TRAIN, *TINY, f"data.shards={many_shards}", "data.num_workers=1",
+                           "data.classes_per_batch=8", "train.max_steps=2", "eval.every=2", "eval.batch_size=32",
+                           f"output_dir={tmp_path}"], env=_env(), capture_output=True, text=True, timeout=600,
+                          preexec_fn=limit)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert metrics(tmp_path)[-1]["val_auc"] > 0  # all 120 validation shards read

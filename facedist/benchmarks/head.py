@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from facedist.config import Config
+from facedist.config import Config, load_config
 from facedist.heads import MATMUL_DTYPES, build_head
 from facedist.model import build_model
 from facedist.optim import build_optimizer
@@ -133,6 +133,8 @@ def train_step(cfg: Config, head, head_optimizer, local_batch: int, world_size: 
         peak = torch.cuda.max_memory_allocated(device)
     else:  # one more step, counted tensor by tensor (too slow to time)
         tracker = MemTracker()
+        for param in model.parameters():  # MemTracker hooks every parameter and raises on frozen ones (IResNet's
+            param.requires_grad_(True)    # embedding BN scale); this last step is only measured, never used
         tracker.track_external(model, head, optimizer, head_optimizer, images, labels)
         with tracker:
             step(warmup + steps)
@@ -141,11 +143,9 @@ def train_step(cfg: Config, head, head_optimizer, local_batch: int, world_size: 
 
 
 def _config(args, rate: float) -> Config:
-    cfg = Config()
-    cfg.model.embedding_dim, cfg.loss.head, cfg.loss.sample_rate = args.dim, args.head, rate
-    cfg.optim.name, cfg.train.mixed_precision = args.optim, args.mixed_precision
-    cfg.model.backbone, cfg.model.image_size = args.backbone, args.image_size
-    return cfg
+    return load_config(None, [f"model.embedding_dim={args.dim}", f"loss.head={args.head}", f"loss.sample_rate={rate}",
+                              f"optim.name={args.optim}", f"train.mixed_precision={args.mixed_precision}",
+                              f"model.backbone={args.backbone}", f"model.image_size={args.image_size}"])
 
 
 def _rank_main(rank: int, world_size: int, port: int, args, out_dir: str) -> None:
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optim", default="adamw_cosine", help="optim.name (ScheduleFree needs --rates 1.0)")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--backbone", default="", help="timm name: also time the whole training step around the head")
-    parser.add_argument("--image-size", type=int, default=224, help="with --backbone")
+    parser.add_argument("--image-size", type=int, default=224, help="with --backbone (112 for iresnet*/mobilefacenet)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])

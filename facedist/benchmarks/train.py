@@ -56,13 +56,18 @@ def model_only(cfg, device, steps, warmup) -> float:
     model = build_model(cfg.model, device).train()
     if cfg.model.compile:
         model = torch.compile(model)
-    objective = Objective(cfg.loss)
+    head = head_optimizer = None
+    if cfg.loss.head != "none":  # a margin head over the batch's P classes (the head's own cost: bench head)
+        from facedist.heads import build_head
+
+        head, head_optimizer = build_head(cfg, cfg.data.classes_per_batch, 1, 0, device)
+    objective = Objective(cfg.loss, head)
     optimizer, _ = build_optimizer(model.parameters(), cfg.optim, cfg.train.max_steps)
-    P, M, size = cfg.data.classes_per_batch, cfg.data.images_per_class, cfg.model.image_size
-    images = torch.randn(P * M, 3, size, size, device=device)
+    batch, size = cfg.data.images_per_step(), cfg.model.image_size
+    images = torch.randn(batch, 3, size, size, device=device)
     if cfg.model.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.arange(P, device=device).repeat_interleave(M)
+    labels = torch.arange(batch, device=device) % cfg.data.classes_per_batch  # P x M, or P classes at random
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
 
     def step():
@@ -70,9 +75,10 @@ def model_only(cfg, device, steps, warmup) -> float:
             embeddings = model(images)
         loss, _ = objective(embeddings, labels, 0)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return _timed(step, steps, warmup, P * M, device)
+        for opt in (optimizer, head_optimizer) if head_optimizer is not None else (optimizer,):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return _timed(step, steps, warmup, batch, device)
 
 
 def data_only(cfg, device, steps, warmup) -> float:
@@ -80,7 +86,7 @@ def data_only(cfg, device, steps, warmup) -> float:
     model = build_model(cfg.model, "cpu")
     loader = make_train_loader(index, cfg.data, preprocessing(model, cfg.model.image_size), 1, 0, cfg.train.seed, 0)
     to_model_input, batches = DeviceAugment(loader.dataset, device, cfg.model.channels_last), iter(loader)
-    return _timed(lambda: to_model_input(next(batches)), steps, warmup, cfg.data.classes_per_batch * cfg.data.images_per_class,
+    return _timed(lambda: to_model_input(next(batches)), steps, warmup, cfg.data.images_per_step(),
                   device)
 
 
@@ -136,7 +142,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {"config": args.config, "overrides": args.overrides, **device_info(device),
               "mixed_precision": cfg.train.mixed_precision, "channels_last": cfg.model.channels_last,
-              "compile": cfg.model.compile, "batch": [cfg.data.classes_per_batch, cfg.data.images_per_class],
+              "compile": cfg.model.compile, "batch": cfg.data.images_per_step(), "sampler": cfg.data.sampler,
               "image_size": cfg.model.image_size, "backbone": cfg.model.backbone}
     result["model_only_images_per_s"] = model_only(cfg, device, args.steps, args.warmup)
     result["data_only_images_per_s"] = data_only(cfg, device, args.steps, args.warmup)

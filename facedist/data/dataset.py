@@ -11,7 +11,14 @@ and however many processes train. Evaluation items are un-augmented normalised f
 
 from __future__ import annotations
 
+import functools
+import os
+import select
+import signal
 import sys
+import threading
+from multiprocessing import forkserver, popen_forkserver
+from multiprocessing.context import ForkServerContext, ForkServerProcess
 from typing import NamedTuple
 
 import numpy as np
@@ -21,19 +28,75 @@ from torch.utils.data import DataLoader, Dataset
 from facedist.config import AugmentConfig, DataConfig
 from facedist.data import augment as aug
 from facedist.data.decode import DecodeError, decode_rgb, to_model_size
-from facedist.data.sampler import ClassBalancedBatchSampler
+from facedist.data.sampler import make_batch_sampler
 from facedist.data.shards import ShardError
 
 # Workers are forked from a clean single-threaded server, not from the trainer: a fork while another
 # thread holds CPython's thread-state lock (TensorBoard's writer, queue feeders, tqdm's monitor) left an
 # evaluation loader's worker deadlocked in PyOS_AfterFork_Child and the run hung (seen, Python 3.11).
-WORKER_START_METHOD = "forkserver"
+#
+# Stop signals: Slurm signals every process of a job step, workers and the fork server included; only
+# the trainer may decide to stop (facedist.preemption), so both ignore SIGUSR1/SIGTERM. A hung worker is
+# still ended by the DataLoader's terminate(), which sends SIGKILL here instead of the ignored SIGTERM.
+# A worker's parent is the fork server, which lives as long as any worker does, so neither torch's
+# watchdog (it watches the parent) nor PR_SET_PDEATHSIG notice a dead trainer: each worker watches the
+# trainer itself (a pidfd) and exits with it.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class _WorkerPopen(popen_forkserver.Popen):
+    def terminate(self) -> None:  # workers ignore SIGTERM: the DataLoader's and multiprocessing's exit-time
+        self.kill()  # terminate() of a live or hung worker must still end it
+
+
+class _WorkerProcess(ForkServerProcess):
+    @staticmethod
+    def _Popen(process_obj):
+        return _WorkerPopen(process_obj)
+
+
+class _WorkerContext(ForkServerContext):
+    Process = _WorkerProcess
+
+
+WORKER_CONTEXT = _WorkerContext()
+
+
+def _start_fork_server() -> None:
+    """Start the fork server with the stop signals ignored: it inherits SIG_IGN across exec, its workers
+    across fork. They are blocked meanwhile, so one that reaches the trainer then waits, it is not lost."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        forkserver.ensure_running()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _exit_with(trainer: int) -> None:
+    try:
+        select.select([os.pidfd_open(trainer)], [], [])  # readable once the trainer has exited
+    except ProcessLookupError:  # already gone
+        pass
+    os._exit(1)
+
+
+def _init_worker(worker_id: int, trainer: int) -> None:
+    for sig in STOP_SIGNALS:  # also under another start method; torch had set its own SIGTERM handler
+        signal.signal(sig, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(trainer,), daemon=True, name="exit-with-trainer").start()
 
 
 def loader_kwargs(num_workers: int) -> dict:
-    """DataLoader arguments for `num_workers` worker processes (forkserver, see above)."""
+    """DataLoader arguments for `num_workers` worker processes (forkserver, stop signals ignored: see above).
+    Every DataLoader facedist creates takes these."""
+    if num_workers > 0:
+        _start_fork_server()
     return {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
-            "multiprocessing_context": WORKER_START_METHOD if num_workers > 0 else None}
+            "multiprocessing_context": WORKER_CONTEXT if num_workers > 0 else None,
+            "worker_init_fn": functools.partial(_init_worker, trainer=os.getpid()) if num_workers > 0 else None}
 
 
 def normalise(pixels: torch.Tensor, preprocessing: dict) -> torch.Tensor:
@@ -125,8 +188,7 @@ def make_train_loader(index, cfg: DataConfig, preprocessing: dict, world_size: i
     input with `device_augment.DeviceAugment(loader.dataset, device)`."""
     from facedist.data import gpu_decode
 
-    sampler = ClassBalancedBatchSampler(index.class_offsets, cfg.classes_per_batch, cfg.images_per_class,
-                                        world_size, rank, seed, start_step)
+    sampler = make_batch_sampler(index, cfg, world_size, rank, seed, start_step)
     use_gpu = cfg.decode == "gpu" and gpu_decode.use_gpu_decode(index.image_format)
     warn_if_resized(index.root, index.image_size, int(preprocessing["image_size"]))
     dataset = FaceDataset(index, preprocessing, cfg.augment, gpu_decode=use_gpu)

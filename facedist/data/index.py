@@ -3,16 +3,45 @@
 The index is memory-mapped, so it costs no RAM up front whatever the dataset size; class c's samples
 are rows `class_offsets[c]:class_offsets[c+1]`; an image is one `os.pread` from its tar. File
 descriptors are opened lazily and reopened after a fork (DataLoader workers), never shared.
+
+Open files: each process (trainer, every loader worker) keeps at most `max_open_shards()` shard files of
+an index open, least recently used closed first, sized from the open-file limit after raising its soft
+value to the hard one, so thousands of shards never hit EMFILE.
 """
 
 from __future__ import annotations
 
 import os
+import resource
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from facedist.data.shards import INDEX_DTYPE, ShardError, load_manifest, shard_name
+
+
+# A process holds up to this share of its open-file limit per index: train + val indices, sockets, pipes,
+# shared libraries and the DataLoader's queues keep well inside the rest
+OPEN_FILE_SHARE = 8
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to the hard limit; returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # e.g. macOS caps at OPEN_MAX: keep what we have
+            pass
+    return soft
+
+
+def max_open_shards() -> int:
+    """Shard files one index may keep open in this process (an LRU of that size; see the module doc)."""
+    return max(1, raise_open_file_limit() // OPEN_FILE_SHARE)
 
 
 class ShardIndex:
@@ -37,7 +66,8 @@ class ShardIndex:
         self.class_offsets = np.searchsorted(self.labels, np.arange(self.num_classes + 1)).astype(np.int64)
         self.images_per_class = np.diff(self.class_offsets)
         self._shard_paths = [str(self.root / shard_name(split, k)) for k in range(len(meta["shards"]))]
-        self._fds: dict[int, int] = {}
+        self._fds: OrderedDict[int, int] = OrderedDict()  # shard -> fd, least recently used first
+        self._max_open = min(len(self._shard_paths), max_open_shards())
         self._pid = os.getpid()
 
     def _map_index(self) -> None:
@@ -64,10 +94,14 @@ class ShardIndex:
 
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():  # forked (DataLoader worker): open our own, never close the parent's
-            self._fds, self._pid = {}, os.getpid()
+            self._fds, self._pid = OrderedDict(), os.getpid()
         fd = self._fds.get(shard)
-        if fd is None:
-            fd = self._fds[shard] = os.open(self._shard_paths[shard], os.O_RDONLY)
+        if fd is not None:
+            self._fds.move_to_end(shard)
+            return fd
+        if len(self._fds) >= self._max_open:
+            os.close(self._fds.popitem(last=False)[1])
+        fd = self._fds[shard] = os.open(self._shard_paths[shard], os.O_RDONLY)
         return fd
 
     def close(self) -> None:
@@ -75,12 +109,12 @@ class ShardIndex:
         if self._pid == os.getpid():
             for fd in self._fds.values():
                 os.close(fd)
-        self._fds = {}
+        self._fds = OrderedDict()
 
     def __getstate__(self) -> dict:
         # spawned workers re-map the index and reopen shards lazily instead of receiving copies
         state = {k: v for k, v in self.__dict__.items() if k not in ("_rows", "labels")}
-        state["_fds"], state["_pid"] = {}, None
+        state["_fds"], state["_pid"] = OrderedDict(), None
         return state
 
     def __setstate__(self, state: dict) -> None:

@@ -57,6 +57,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
+from facedist.durable import fsync_directory
+
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 IMAGE_FORMATS = ("jpg", "png", "webp")
@@ -120,7 +122,7 @@ def split_count(spec: str, available: int, flag: str) -> int:
 
 @contextmanager
 def atomic_open(path: str | Path) -> Iterator[io.BufferedWriter]:
-    """Open a temporary sibling of `path` for writing; on success fsync it and rename it to `path`."""
+    """Open a temporary sibling of `path` for writing; on success fsync it, rename it to `path`, fsync the folder."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
     try:
@@ -129,6 +131,7 @@ def atomic_open(path: str | Path) -> Iterator[io.BufferedWriter]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()

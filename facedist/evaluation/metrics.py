@@ -15,6 +15,13 @@ equal to u_m (the genuine pairs themselves are then subtracted). Peak memory of 
 33 bytes x chunk_size x N on the device holding the embeddings (chunk_size rows; by default chunk_size =
 2^24 / N, ~0.5 GiB), plus the genuine scores (16 bytes each) and the quantised embeddings (8 N D bytes).
 
+Across ranks (split_across_ranks=True, every rank holding all N embeddings): the triangle's rows are split
+into W contiguous blocks of about N(N-1)/2W pairs each (`triangle_share`: row i holds N-1-i pairs, so equal
+row counts would leave rank 0 most of the work), each rank bins its block on its own device and the bin
+counts and histograms (integers) are all-reduced: the same counts, hence the same metrics, for any W.
+`should_stop`, when given, is asked by every rank after each chunk (a collective); True abandons the
+evaluation (EvaluationAbandoned on every rank).
+
 From the counts, exactly:
 - ROC AUC = P(genuine > impostor) + 0.5 P(genuine = impostor), sklearn's `roc_auc_score` with ties.
 - A pair is accepted when score >= t. TAR only changes at genuine scores, so every ROC corner is at
@@ -30,10 +37,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
+
+from facedist import distributed
 
 FARS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 MIN_IMPOSTORS_AT_FAR = 10  # a FAR is measured only when it allows at least this many impostor pairs
@@ -41,6 +51,10 @@ QUANTISATION_BITS = 24  # q = round(e * 2^24): |q_a . q_b| < 2^53, exact in floa
 SCORE_SCALE = 2.0 ** (-2 * QUANTISATION_BITS)
 CHUNK_ELEMENTS = 2**24  # default chunk: this many scores (~33 bytes each at peak)
 _FAR_SLACK = 1e-12  # f x I is computed in floating point: 1e-2 x 1000 must allow 10 impostors
+
+
+class EvaluationAbandoned(Exception):
+    """`should_stop` answered True (a stop signal): the evaluation was given up on every rank."""
 
 
 def far_key(far: float) -> str:
@@ -77,15 +91,43 @@ def pair_scores(embeddings, index_a, index_b) -> np.ndarray:
     return ((q[a] * q[b]).sum(1) * SCORE_SCALE).cpu().numpy()
 
 
+def _triangle_block(q: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of the strict upper triangle of the integer score matrix (scores / SCORE_SCALE,
+    unscaled in the hot loop): [rows, start:] with j <= i set to +inf."""
+    block = q[start:stop] @ q[start:].T
+    below_diagonal = torch.ones(stop - start, stop - start, dtype=torch.bool, device=q.device).tril()
+    block[:, :stop - start].masked_fill_(below_diagonal, math.inf)
+    return block
+
+
 def _triangle_blocks(q: torch.Tensor, chunk_size: int):
-    """Row chunks of the strict upper triangle of the integer score matrix (scores / SCORE_SCALE, unscaled
-    in the hot loop): [rows, start:] with j <= i set to +inf."""
+    """The whole strict upper triangle, chunk_size rows at a time."""
     for start in range(0, len(q), chunk_size):
-        rows = q[start:start + chunk_size]
-        block = rows @ q[start:].T
-        below_diagonal = torch.ones(len(rows), len(rows), dtype=torch.bool, device=q.device).tril()
-        block[:, :len(rows)].masked_fill_(below_diagonal, math.inf)
-        yield block
+        yield _triangle_block(q, start, min(start + chunk_size, len(q)))
+
+
+def triangle_share(n: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rows [start, stop) of the strict upper triangle of an n x n matrix that `rank` scores: contiguous
+    blocks of about n(n-1)/2 / world_size pairs each (row i holds n-1-i pairs)."""
+    pairs_before = np.concatenate([[0], np.cumsum(np.arange(n - 1, -1, -1, dtype=np.int64))])  # rows < i
+    bounds = np.searchsorted(pairs_before, np.arange(world_size + 1) * pairs_before[-1] // world_size)
+    bounds[-1] = n
+    return int(bounds[rank]), int(bounds[rank + 1])
+
+
+def _chunk_starts(n: int, chunk_size: int, split_across_ranks: bool) -> tuple[range, int]:
+    """This rank's chunk start rows and the most chunks any rank has (every rank steps that many times, so
+    collective stop checks line up)."""
+    world, rank = (distributed.world_size(), distributed.rank()) if split_across_ranks else (1, 0)
+    shares = [triangle_share(n, world, r) for r in range(world)]
+    counts = [math.ceil((stop - start) / chunk_size) for start, stop in shares]
+    start, stop = shares[rank]
+    return range(start, stop, chunk_size), max(counts)
+
+
+def check_stop(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise EvaluationAbandoned("a stop was requested during the evaluation")
 
 
 def dense_labels(labels, n: int, device) -> torch.Tensor:
@@ -127,9 +169,11 @@ def count_scores(genuine, impostor) -> ScoreCounts:
     return ScoreCounts(values, multiplicity, below, equal, len(impostor))
 
 
-def all_pairs_counts(embeddings, labels, chunk_size: int | None = None, histogram_bins: int = 0):
+def all_pairs_counts(embeddings, labels, chunk_size: int | None = None, histogram_bins: int = 0,
+                     split_across_ranks: bool = False, should_stop: Callable[[], bool] | None = None):
     """ScoreCounts over all N(N-1)/2 pairs, chunked (memory bound in the module docstring), and, when
-    histogram_bins > 0, (edges, genuine counts, impostor counts) of all scores on [-1, 1] for plotting."""
+    histogram_bins > 0, (edges, genuine counts, impostor counts) of all scores on [-1, 1] for plotting.
+    split_across_ranks / should_stop: see the module docstring (every rank calls it with all embeddings)."""
     q = quantise(embeddings)
     labels = dense_labels(labels, len(q), q.device)
     chunk_size = chunk_rows(len(q), chunk_size)
@@ -153,13 +197,21 @@ def all_pairs_counts(embeddings, labels, chunk_size: int | None = None, histogra
     padded = torch.cat([values, values.new_full((1,), math.nan)])  # the +inf entries land on NaN: never equal
     bins = torch.zeros(2 * len(padded), dtype=torch.int64, device=q.device)
     histogram = torch.zeros(histogram_bins, dtype=torch.float64, device=q.device)
-    for block in _triangle_blocks(q, chunk_size):
-        position = torch.searchsorted(values, block)
-        equal = padded[position] == block
-        bins += torch.bincount(position.mul_(2).add_(equal).view(-1), minlength=len(bins))
-        del position, equal
-        if histogram_bins:
-            histogram += torch.histc(block, histogram_bins, -1 / SCORE_SCALE, 1 / SCORE_SCALE)  # not +inf
+    starts, steps = _chunk_starts(len(q), chunk_size, split_across_ranks)
+    for k in range(steps):
+        if k < len(starts):
+            block = _triangle_block(q, starts[k], min(starts[k] + chunk_size, starts.stop))
+            position = torch.searchsorted(values, block)
+            equal = padded[position] == block
+            bins += torch.bincount(position.mul_(2).add_(equal).view(-1), minlength=len(bins))
+            del position, equal
+            if histogram_bins:
+                histogram += torch.histc(block, histogram_bins, -1 / SCORE_SCALE, 1 / SCORE_SCALE)  # not +inf
+            del block
+        check_stop(should_stop)
+    if split_across_ranks:
+        distributed.all_reduce(bins)
+        distributed.all_reduce(histogram)
     bins = bins.cpu().numpy()
     multiplicity = multiplicity.cpu().numpy()
     impostor_equal = bins[1:-2:2] - multiplicity
@@ -244,11 +296,13 @@ def roc_metrics(c: ScoreCounts, fars=FARS, roc_points: int = 2000) -> dict:
 
 
 def verification_metrics(embeddings, labels, fars=FARS, chunk_size: int | None = None, roc_points: int = 2000,
-                         histogram_bins: int = 0) -> dict:
+                         histogram_bins: int = 0, split_across_ranks: bool = False,
+                         should_stop: Callable[[], bool] | None = None) -> dict:
     """Exact 1:1 verification over all pairs of [N, D] embeddings (torch on any device, or numpy) with
     identity labels [N]: see `roc_metrics` for the keys; with histogram_bins, also "score_histogram"
-    {"edges", "genuine", "impostor"} (pair counts). Memory bound and rules in the module docstring."""
-    counts, histogram = all_pairs_counts(embeddings, labels, chunk_size, histogram_bins)
+    {"edges", "genuine", "impostor"} (pair counts). Memory bound, rules and splitting across ranks in the
+    module docstring."""
+    counts, histogram = all_pairs_counts(embeddings, labels, chunk_size, histogram_bins, split_across_ranks, should_stop)
     result = roc_metrics(counts, fars, roc_points)
     if histogram is not None:
         result["score_histogram"] = dict(zip(("edges", "genuine", "impostor"), (h.tolist() for h in histogram)))

@@ -8,23 +8,27 @@ sample: on all pairs "always different" would win), and 1:N identification. Its 
   cmc {rank1, rank5}, fnir_at_fpir {"1e-01".."1e-03"}, thresholds_at_fpir, identification {counts}
   num_images, num_identities
 Files in out_dir: metrics.json, roc.png, pr.png, score_histogram.png, tsne.png (with tsne=True).
+With split_across_ranks, every rank calls it with all embeddings: the all-pairs and 1:N parts are split
+across the ranks (see metrics.py), the rest runs on rank 0 alone and the other ranks get None.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
+from facedist import distributed
 from facedist.checkpoint import write_atomic
 from facedist.evaluation import plots
 from facedist.evaluation.identification import FPIRS, identification_metrics
 from facedist.evaluation.metrics import (FARS, balanced_pairs, pair_list_metrics, pair_scores,
                                          verification_metrics)
 
-PROJECTOR_MAX_POINTS = 10_000  # the TensorBoard projector is for looking at, not for all 50k vectors
+PROJECTOR_POINTS = 1000  # the projector is for looking at; TensorBoard stores it as text, ~10.8 MB per 1,000 x 512
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
@@ -48,15 +52,25 @@ def _figures(metrics: dict, pr: dict, embeddings, labels, tsne: bool, seed: int)
 def evaluate_embeddings(embeddings, labels, out_dir=None, tb_writer=None, step: int = 0, tsne: bool = False,
                         pairs=None, *, fars=FARS, fpirs=FPIRS, chunk_size: int | None = None,
                         pairs_per_side: int = 3000, seed: int = 0, gallery_per_identity: int = 1,
-                        distractor_fraction: float = 0.5, histogram_bins: int = 200, tag: str = "eval") -> dict:
+                        distractor_fraction: float = 0.5, histogram_bins: int = 200, tag: str = "eval",
+                        projector_points: int = PROJECTOR_POINTS, split_across_ranks: bool = False,
+                        should_stop: Callable[[], bool] | None = None) -> dict | None:
     """Evaluate [N, D] embeddings (torch on any device, or numpy) of N images with identity labels [N].
 
     pairs: optional (index_a, index_b, same) into the embeddings, e.g. a pairs file's; the k-fold accuracy
     then uses its order as folds. out_dir: write metrics.json and the plots there. tb_writer: a
     torch.utils.tensorboard SummaryWriter for scalars, figures and the embedding projector at `step`,
-    under `tag/`. Returns the metrics (module docstring); chunk_size bounds memory (see metrics).
+    under `tag/`, the projector with a seeded subset of `projector_points` (0: none). Returns the metrics
+    (module docstring; None on ranks other than 0 with split_across_ranks); chunk_size bounds memory (see
+    metrics); should_stop: see metrics.py.
     """
-    metrics = verification_metrics(embeddings, labels, fars, chunk_size, histogram_bins=histogram_bins)
+    split = {"split_across_ranks": split_across_ranks, "should_stop": should_stop}
+    metrics = verification_metrics(embeddings, labels, fars, chunk_size, histogram_bins=histogram_bins, **split)
+    identification = identification_metrics(embeddings, labels, gallery_per_identity, fpirs=fpirs,
+                                            distractor_fraction=distractor_fraction, seed=seed, chunk_size=chunk_size,
+                                            **split)
+    if split_across_ranks and distributed.rank() != 0:
+        return None
     if pairs is None:
         index_a, index_b, same = balanced_pairs(labels.cpu() if torch.is_tensor(labels) else labels, pairs_per_side, seed)
         source = f"balanced sample, seed {seed}"
@@ -69,8 +83,6 @@ def evaluate_embeddings(embeddings, labels, out_dir=None, tb_writer=None, step: 
     metrics["average_precision"] = pair_list.pop("average_precision")
     metrics["pairs"] = {"source": source, **pair_list}
 
-    identification = identification_metrics(embeddings, labels, gallery_per_identity, fpirs=fpirs,
-                                            distractor_fraction=distractor_fraction, seed=seed, chunk_size=chunk_size)
     for key in ("cmc", "fnir_at_fpir", "thresholds_at_fpir"):
         metrics[key] = identification.pop(key)
     metrics["identification"] = {**identification, "gallery_per_identity": gallery_per_identity,
@@ -93,8 +105,8 @@ def evaluate_embeddings(embeddings, labels, out_dir=None, tb_writer=None, step: 
             tb_writer.add_scalar(f"{tag}/{name}", value, step)
         for name, figure in figures.items():
             tb_writer.add_figure(f"{tag}/{name}", figure, step, close=False)
-        keep = np.random.default_rng(seed).permutation(len(labels_cpu))[:PROJECTOR_MAX_POINTS]
-        keep.sort()
-        tb_writer.add_embedding(embeddings_cpu[keep], metadata=labels_cpu[keep].tolist(), global_step=step, tag=tag)
+        if projector_points > 0:  # the same seeded subset at every call on the same data
+            keep = np.sort(np.random.default_rng(seed).permutation(len(labels_cpu))[:projector_points])
+            tb_writer.add_embedding(embeddings_cpu[keep], metadata=labels_cpu[keep].tolist(), global_step=step, tag=tag)
         tb_writer.flush()
     return metrics

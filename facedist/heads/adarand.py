@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from facedist import distributed
 from facedist.heads.checkpoint import RowShardedModule
-from facedist.heads.sharded_softmax import SumOverRanks, gather_batch, generator, row_range
+from facedist.distributed import SumOverRanks
+from facedist.heads.sharded_softmax import gather_batch, generator, row_range
 
 NOISE_PURPOSE = 2  # derived_seed(seed, purpose, step): 0 = head init, 1 = class sampling
 

@@ -5,15 +5,18 @@ Rank r owns the contiguous class block [r*C//W, (r+1)*C//W) (C need not divide b
 1. all-gather the local embeddings (normalised, fp32) into the global batch X [N, D]. The gather is
    differentiable: its backward sums every rank's gradient of X (each holds the part that flows through
    its own classes) and hands rank r the rows of its own samples, multiplied by `gather_grad_scale`
-   (= W by default, because DDP then averages the backbone's gradients over the W ranks);
+   (= W by default, because DDP then averages the backbone's gradients over the W ranks). `forward` takes
+   any row counts per rank; the training step gathers once for head and pair loss with fixed-size
+   `distributed.gather_step_batch` (its backward a reduce-scatter) and calls `global_loss`;
 2. choose the classes of this step: all of them, or with loss.sample_rate < 1 every class of the global
    batch plus random negatives up to ceil(rate * C), a pure function of (seed, step, global labels), so
    every rank and any W pick the same set;
 3. local logits s * cos(X, kept local centres) -- the one matmul, which may run in bf16/fp16;
 4. the rank owning a sample's class recomputes its target cosine in fp32, applies the margin
-   (facedist.heads.margins) and puts s * margin(cos) in place of the target logit;
+   (facedist.heads.margins) and puts s * margin(cos) in place of the target logit (selected by masks,
+   not index lists, so nothing waits on the host);
 5. cross-entropy with a global softmax: the row max is all-reduced (max), the sum of exponentials and the
-   target logits are all-reduced (sum) with an identity backward, so every rank holds the same global
+   target logits are all-reduced (sum, one [2, N] tensor) with an identity backward, so every rank holds the same global
    mean loss and each rank's backward yields exact gradients for its own centres and its share of X.
 Dynamic AdaCos takes its statistics (mean negative exp-sum, median target angle) over all ranks.
 
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from facedist import distributed
+from facedist.distributed import SumOverRanks
 from facedist.heads import margins
 from facedist.heads.checkpoint import RowShardedModule
 
@@ -73,21 +77,8 @@ class GatherRows(torch.autograd.Function):
         return grad[ctx.start:ctx.stop] * ctx.grad_scale, None, None, None
 
 
-class SumOverRanks(torch.autograd.Function):
-    """All-reduce sum with an identity backward: every rank computes the same function of the sum, so the
-    gradient of its own contribution is the gradient of the sum."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        return distributed.all_reduce(tensor.clone(), "sum")
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad
-
-
 def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, grad_scale: float):
-    """(global rows [N, ...], global labels [N], this rank's slice of them) in rank order."""
+    """(global rows [N, ...], global labels [N], this rank's slice of them) in rank order; any row counts."""
     counts = distributed.gather_rows(torch.tensor([embeddings.shape[0]], device=labels.device))
     start = int(counts[: distributed.rank()].sum())
     own = slice(start, start + embeddings.shape[0])
@@ -96,15 +87,24 @@ def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, grad_scale: flo
     return GatherRows.apply(embeddings, own.start, own.stop, grad_scale), distributed.gather_rows(labels), own
 
 
+def sampled_class_mask(labels: torch.Tensor, num_classes: int, sample_rate: float, seed: int, step: int) -> torch.Tensor:
+    """Bool [C]: every class in `labels` plus random others, max(batch classes, ceil(rate * C)) in all,
+    chosen on the device without a host read (a fixed-size top-k, then a mask of its first `count`)."""
+    device = labels.device
+    target = math.ceil(sample_rate * num_classes)
+    if target >= num_classes:
+        return torch.ones(num_classes, dtype=torch.bool, device=device)
+    present = torch.zeros(num_classes, dtype=torch.bool, device=device).index_fill_(0, labels, True)
+    scores = torch.rand(num_classes, device=device, generator=generator(device, seed, 1, step))
+    scores = torch.where(present, 2.0, scores)  # above any random score: batch classes are always kept
+    top = torch.topk(scores, min(num_classes, max(target, labels.numel()))).indices  # descending scores
+    count = present.sum().clamp(min=target)
+    return torch.zeros_like(present).index_put_((top,), torch.arange(len(top), device=device) < count)
+
+
 def sampled_classes(labels: torch.Tensor, num_classes: int, sample_rate: float, seed: int, step: int) -> torch.Tensor:
-    """Sorted class ids kept this step: every class in `labels` plus random others, ceil(rate * C) in all."""
-    positives = torch.unique(labels)
-    count = max(positives.numel(), math.ceil(sample_rate * num_classes))
-    if count >= num_classes:
-        return torch.arange(num_classes, device=labels.device)
-    scores = torch.rand(num_classes, device=labels.device, generator=generator(labels.device, seed, 1, step))
-    scores[positives] = 2.0  # above any random score: batch classes are always kept
-    return torch.topk(scores, count).indices.sort().values
+    """Sorted class ids of `sampled_class_mask` (reads the count on the host)."""
+    return torch.nonzero(sampled_class_mask(labels, num_classes, sample_rate, seed, step)).squeeze(1)
 
 
 class ShardedMarginHead(RowShardedModule):
@@ -141,48 +141,56 @@ class ShardedMarginHead(RowShardedModule):
         return self.num_rows
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows (any count per rank); the training step gathers once for every loss instead and
+        calls `global_loss`."""
         x, y, _ = gather_batch(F.normalize(embeddings.float(), dim=1), labels.long(), self.gather_grad_scale)
-        start, stop = self.row_start, self.row_stop
+        return self.global_loss(x, y, step)
 
+    def global_loss(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, value) of the gathered global batch: x [N, D] normalised fp32, labels y [N]. Masks select the
+        targets this rank owns, so nothing waits on the host (with class sampling: one read of the kept counts);
+        two all-reduces (row max; exp-sum and targets)."""
+        start, stop = self.row_start, self.row_stop
         kept, num_kept = None, self.num_classes
         if self.sample_rate < 1:
-            kept = sampled_classes(y, self.num_classes, self.sample_rate, self.seed, step)
-            num_kept = kept.numel()
-            kept = kept[(kept >= start) & (kept < stop)] - start
+            mask = sampled_class_mask(y, self.num_classes, self.sample_rate, self.seed, step)
+            # the one host read sampling needs: how many columns this rank's logits have
+            num_kept, num_local = torch.stack([mask.sum(), mask[start:stop].sum()]).tolist()
+            kept = torch.nonzero_static(mask[start:stop], size=num_local).squeeze(1)
         self.touched_rows = kept
         centres = self.weight if kept is None else self.weight[kept]
         # columns divided by the centre norms: cheaper than normalising (and back-propagating through) [C/W, D]
         inverse_norm = centres.norm(dim=1).clamp_min(1e-12).reciprocal()
         cos = (x.to(self.matmul_dtype) @ centres.to(self.matmul_dtype).T).float() * inverse_norm  # [N, kept local]
 
-        # targets this rank owns: cosine recomputed in fp32, margin applied here
-        rows = torch.nonzero((y >= start) & (y < stop)).squeeze(1)
-        cols = y[rows] - start
-        if kept is not None:
-            cols = torch.searchsorted(kept, cols)
-        target_cos = (x[rows] * centres[cols]).sum(1) * inverse_norm[cols]
+        # targets this rank owns (a mask, not an index list): cosine recomputed in fp32, margin applied here
+        owned = (y >= start) & (y < stop)
+        target_row = (y - start).clamp(0, stop - start - 1)
+        target_col = target_row if kept is None else torch.searchsorted(kept, target_row).clamp(max=max(len(kept) - 1, 0))
+        target_cos = (x * self.weight[target_row]).sum(1) * self.weight[target_row].norm(dim=1).clamp_min(1e-12).reciprocal()
+        is_target = owned[:, None] & (torch.arange(cos.shape[1], device=y.device) == target_col[:, None])
 
         if self.adacos_dynamic:
-            self._update_adacos_scale(cos, rows, cols, target_cos, num_kept)
+            self._update_adacos_scale(cos, is_target, owned, target_cos, num_kept)
         s = self.scale
         target_logit = s * self.margin(target_cos, step)
-        logits = (s * cos).index_put((rows, cols), target_logit)
+        logits = torch.where(is_target, target_logit[:, None], s * cos)
 
         # global softmax cross-entropy: log sum_j exp(l_j) - l_target, summed over the ranks' columns
         local_max = logits.detach().amax(1) if logits.shape[1] else logits.new_full((logits.shape[0],), -math.inf)
         row_max = distributed.all_reduce(local_max, "max")
-        exp_sum = SumOverRanks.apply(torch.exp(logits - row_max[:, None]).sum(1))
-        target = SumOverRanks.apply(torch.zeros_like(row_max).index_put((rows,), target_logit))
+        exp_sum, target = SumOverRanks.apply(torch.stack([torch.exp(logits - row_max[:, None]).sum(1),
+                                                          torch.where(owned, target_logit, 0.0)]))
         loss = (torch.log(exp_sum) + row_max - target).mean()
         return loss, loss.detach()
 
     @torch.no_grad()
-    def _update_adacos_scale(self, cos, rows, cols, target_cos, num_kept: int) -> None:
+    def _update_adacos_scale(self, cos, is_target, owned, target_cos, num_kept: int) -> None:
         """AdaCos' dynamic s from global statistics. With sampling, each sample saw num_kept - 1 of its C - 1
         negatives: their exp-sum is scaled up by (C - 1) / (num_kept - 1)."""
-        negatives = torch.exp(self.scale * cos).index_put((rows, cols), torch.zeros_like(target_cos))
-        exp_sum = distributed.all_reduce(negatives.sum(1), "sum")
-        target = distributed.all_reduce(torch.zeros_like(exp_sum).index_put((rows,), target_cos), "sum")
+        negatives = torch.where(is_target, 0.0, torch.exp(self.scale * cos))
+        exp_sum, target = distributed.all_reduce(torch.stack([negatives.sum(1), torch.where(owned, target_cos, 0.0)]),
+                                                 "sum")
         mean_exp_sum = exp_sum.mean() * (self.num_classes - 1) / max(num_kept - 1, 1)
         median_angle = torch.median(torch.acos(target.clamp(-1.0, 1.0)))
         self.scale.copy_(margins.adacos_dynamic_scale(mean_exp_sum, median_angle))
