@@ -21,7 +21,7 @@ from dist_utils import run_distributed
 
 import facedist  # noqa: F401
 from facedist import distributed
-from facedist.config import Config, ConfigError
+from facedist.config import Config, ConfigError, _fill_dependent_defaults
 from facedist.heads import build_head
 from facedist.heads.margins import adacos_fixed_scale, build_margin
 from facedist.heads.sharded_softmax import init_rows, sampled_classes
@@ -39,6 +39,7 @@ def make_config(head="arcface", optim="adamw_cosine", sample_rate=1.0, nesterov=
     for key, value in loss.items():
         setattr(cfg.loss, key, value)
     cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps = optim, 0.05, 0.01, 1
+    _fill_dependent_defaults(cfg)  # a margin not given: the head's paper value, as load_config gives it
     return cfg
 
 
