@@ -143,7 +143,7 @@ def main(out_dir: Path, common: list[str], runs: dict[str, list[str]]) -> None:
 
     class CountedLoader:  # the first training loader of a run marks the step boundaries
         def __init__(self, loader):
-            self.loader, self.batch_sampler = loader, loader.batch_sampler
+            self.loader, self.batch_sampler, self.dataset = loader, loader.batch_sampler, loader.dataset
 
         def __iter__(self):
             batches = iter(self.loader)
