@@ -188,7 +188,7 @@ def main(argv=None) -> int:
         raw_model.compile()
 
     train_loader = make_train_loader(train_index, cfg.data, prep, world, rank, cfg.train.seed, start_step)
-    to_model_input = DeviceAugment(train_loader.dataset, device, cfg.model.channels_last)  # uint8 -> augmented floats
+    to_model_input = DeviceAugment(train_loader.dataset, device)  # uint8 -> augmented floats
     steps_per_epoch = train_loader.batch_sampler.steps_per_epoch
     log = MetricsLog(output_dir, start_step, is_main, superseded)
     bin_eval = TrainingBinEval(cfg.eval.bins, prep, cfg.eval.batch_size, cfg.data.num_workers)  # eval.bins: <set>_acc

@@ -22,8 +22,9 @@ def test_default_is_flip_only_and_exact():
     for seed in range(20):
         draw = aug.draw(seed, AugmentConfig(), image.shape[:2], 40)
         out = aug.warp(image, draw.matrix, 40)
-        flipped = np.array_equal(out, image[:, ::-1])
-        assert flipped or np.array_equal(out, image)  # no resampling at all
+        planes = image.transpose(2, 0, 1)
+        flipped = np.array_equal(out, planes[:, :, ::-1])
+        assert flipped or np.array_equal(out, planes)  # no resampling at all
         assert np.all(draw.photometric == 1)
         flips += flipped
     assert 0 < flips < 20
@@ -38,7 +39,7 @@ def test_warp_keeps_aspect_and_has_no_black_corners():
         np.testing.assert_allclose(singular[0], singular[1], rtol=1e-12)  # same scale on both axes: aspect kept
         assert 0.8 ** 0.5 * 40 / 40 - 1e-9 <= singular[0] <= 1 + 1e-9  # zoom in by at most 1/sqrt(crop_scale_min)
         out = aug.warp(image, draw.matrix, 40)
-        assert out.dtype == np.uint8 and out.shape == (40, 40, 3) and out.min() > 0  # border replicated, not black
+        assert out.dtype == np.uint8 and out.shape == (3, 40, 40) and out.min() > 0  # border replicated, not black
 
 
 def test_draws_are_keyed_and_each_option_leaves_the_others_alone():

@@ -106,7 +106,7 @@ def test_batches_travel_as_uint8():
     loader = make_train_loader(FakeIndex(), DataConfig(classes_per_batch=2, images_per_class=2, num_workers=0,
                                                        augment=FULL), PREP, 1, 0, 1)
     batch = next(iter(loader))
-    assert batch.images.dtype == torch.uint8 and batch.images.shape == (4, 24, 24, 3)
+    assert batch.images.dtype == torch.uint8 and batch.images.shape == (4, 3, 24, 24)
     assert batch.gamma_tables.dtype == torch.uint8 and batch.photometric.shape == (4, 4)
 
 

@@ -1,6 +1,6 @@
 """Training input pipeline per core: today's path against the pipeline it replaced, side by side, as JSON.
 
-    python -m facedist.bench data --config CFG --shards DIR --image-size S --device cpu|cuda [--batches 8] [key=value ...]
+    python -m facedist.bench data --config CFG --shards DIR --image-size S --device cpu|cuda [--batches 8] [--rounds 5] [key=value ...]
 
 One core (`torch.set_num_threads(1)`, OpenCV single-threaded, no loader workers), the whole path from the
 pread to the normalised float batch on the device (device work included, so on a CPU it is counted):
@@ -10,6 +10,7 @@ pread to the normalised float batch on the device (device work included, so on a
 - `previous_images_per_s`: the pipeline before this one (Pillow decode, torchvision v2 RandomResizedCrop,
   flip, RandomRotation, ColorJitter, ToDtype, Normalize in the worker, float32 batches), kept here only
   for this comparison, with the same augmentation strengths.
+Each path is timed in each of `--rounds` interleaved rounds and the medians are reported.
 glibc's allocator keeps freed memory (mallopt) for both paths: on the VM this was measured on, touching
 fresh pages cost more than the arithmetic, which would measure the kernel, not the pipelines.
 """
@@ -20,6 +21,7 @@ import argparse
 import ctypes
 import io
 import json
+import statistics
 import time
 
 import cv2
@@ -63,6 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, required=True)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions; medians reported")
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -75,32 +78,17 @@ def main(argv=None) -> int:
     prep = {"image_size": size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     index = ShardIndex(cfg.data.shards, cfg.data.split_train)
     loader = make_train_loader(index, cfg.data, prep, 1, 0, cfg.train.seed)
-    to_model_input = DeviceAugment(loader.dataset, device, cfg.model.channels_last)
+    to_model_input = DeviceAugment(loader.dataset, device)
     items = [item for step in range(args.batches + 1) for item in loader.batch_sampler.batch(step)]
     per_batch = len(items) // (args.batches + 1)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def timed(fn, batches) -> float:  # seconds per image, the first batch as warm-up
-        fn(batches[0])
-        sync()
-        start = time.perf_counter()
-        for batch in batches[1:]:
-            fn(batch)
-        sync()
-        return (time.perf_counter() - start) / (len(batches[1:]) * per_batch)
-
     batches = [items[k * per_batch:(k + 1) * per_batch] for k in range(args.batches + 1)]
     dataset = loader.dataset
-    new = timed(lambda b: to_model_input(collate_train([dataset[item] for item in b])), batches)
-    read = timed(lambda b: [index.read_image_bytes(s) for s, _ in b], batches)
     encoded = {s: index.read_image_bytes(s) for s, _ in items}
-    decode = timed(lambda b: [decode_rgb(encoded[s]) for s, _ in b], batches)
     pixels = {s: to_model_size(decode_rgb(encoded[s]), size) for s, _ in items}
     draws = {item: aug.draw(item[1], cfg.data.augment, pixels[item[0]].shape[:2], size) for item in items}
-    warp = timed(lambda b: [aug.warp(pixels[s], draws[(s, a)].matrix, size) for s, a in b], batches)
     prepared = [collate_train([dataset[item] for item in b]) for b in batches]
-    device_step = timed(lambda b: to_model_input(b), prepared)
-
     transform = previous_transform(cfg.data.augment, size, prep["mean"], prep["std"])
 
     def previous(b):
@@ -111,12 +99,37 @@ def main(argv=None) -> int:
                 torch.default_generator.manual_seed(a)
                 images.append(transform(image))
         torch.stack(images).to(device)
-    old = timed(previous, batches)
+
+    paths = {  # name -> (function of one batch, its batches)
+        "new": (lambda b: to_model_input(collate_train([dataset[item] for item in b])), batches),
+        "previous": (previous, batches),
+        "read": (lambda b: [index.read_image_bytes(s) for s, _ in b], batches),
+        "decode": (lambda b: [decode_rgb(encoded[s]) for s, _ in b], batches),
+        "warp": (lambda b: [aug.warp(pixels[s], draws[(s, a)].matrix, size) for s, a in b], batches),
+        "device": (to_model_input, prepared),
+    }
+
+    def timed(fn, batches) -> float:  # seconds per image, the first batch as warm-up
+        fn(batches[0])
+        sync()
+        start = time.perf_counter()
+        for batch in batches[1:]:
+            fn(batch)
+        sync()
+        return (time.perf_counter() - start) / (len(batches[1:]) * per_batch)
+
+    # rounds interleave the paths, so a slower spell of a shared machine falls on all of them alike
+    rounds = {name: [] for name in paths}
+    for _ in range(args.rounds):
+        for name, (fn, fn_batches) in paths.items():
+            rounds[name].append(timed(fn, fn_batches))
+    new, old, read, decode, warp, device_step = (statistics.median(rounds[name]) for name in paths)
     result = {"config": args.config, "overrides": args.overrides, "shards": str(args.shards),
               "shard_image_size": index.image_size, "image_format": index.image_format, "image_size": size,
-              "augment": cfg.data.augment.__dict__, "batch": per_batch, "batches": args.batches,
+              "augment": cfg.data.augment.__dict__, "batch": per_batch, "batches": args.batches, "rounds": args.rounds,
               **device_info(device), "allocator_keeps_freed_memory": allocator_kept,
               "images_per_s": 1 / new, "previous_images_per_s": 1 / old, "speedup": old / new,
+              "speedup_per_round": [o / n for o, n in zip(rounds["previous"], rounds["new"])],
               "decode_floor_images_per_s": 1 / (read + decode),
               "stages_us": {"read": 1e6 * read, "decode": 1e6 * decode, "warp": 1e6 * warp,
                             "device_photometric_normalise": 1e6 * device_step,

@@ -64,9 +64,7 @@ def model_only(cfg, device, steps, warmup) -> float:
     objective = Objective(cfg.loss, head)
     optimizer, _ = build_optimizer(model.parameters(), cfg.optim, cfg.train.max_steps)
     batch, size = cfg.data.images_per_step(), cfg.model.image_size
-    images = torch.randn(batch, 3, size, size, device=device)
-    if cfg.model.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, size, size, device=device)  # NCHW, as DeviceAugment gives it
     labels = torch.arange(batch, device=device) % cfg.data.classes_per_batch  # P x M, or P classes at random
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
 
@@ -85,7 +83,7 @@ def data_only(cfg, device, steps, warmup) -> float:
     index = ShardIndex(cfg.data.shards, cfg.data.split_train)
     model = build_model(cfg.model, "cpu")
     loader = make_train_loader(index, cfg.data, preprocessing(model, cfg.model.image_size), 1, 0, cfg.train.seed, 0)
-    to_model_input, batches = DeviceAugment(loader.dataset, device, cfg.model.channels_last), iter(loader)
+    to_model_input, batches = DeviceAugment(loader.dataset, device), iter(loader)
     return _timed(lambda: to_model_input(next(batches)), steps, warmup, cfg.data.images_per_step(),
                   device)
 

@@ -1,7 +1,7 @@
 """Images from shards for training and evaluation: read, decode, one warp (CPU); batches travel as uint8.
 
 Training: a worker reads and decodes each image and applies its ONE geometric warp (facedist/data/augment.py),
-so a batch leaves the worker as uint8 [B, S, S, 3] with each item's photometric factors; photometric
+so a batch leaves the worker as uint8 planes [B, 3, S, S] with each item's photometric factors; photometric
 augmentation, float conversion and normalisation run on the whole batch on the training device
 (facedist/data/device_augment.py). With `data.decode=gpu` the worker only reads: the encoded JPEGs and
 their warp go to the device (facedist/data/gpu_decode.py). Randomness comes only from the item's aug_seed
@@ -121,7 +121,7 @@ def warn_if_resized(root, image_size: int, size: int) -> None:
 class TrainBatch(NamedTuple):
     """One rank's batch as it leaves the loader (pinned when CUDA is there); None: not used by this path."""
 
-    images: torch.Tensor | None  # [B, S, S, 3] uint8, already warped (CPU decode)
+    images: torch.Tensor | None  # [B, 3, S, S] uint8, already warped (CPU decode)
     encoded: list | None  # B encoded JPEGs, uint8 tensors (GPU decode)
     theta: torch.Tensor | None  # [B, 2, 3] float32 affine_grid theta of each warp (GPU decode)
     labels: torch.Tensor  # [B] int64

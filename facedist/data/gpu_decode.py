@@ -39,10 +39,10 @@ def use_gpu_decode(image_format: str) -> bool:
 
 
 def warp_batch(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [B, 3, H, W] through each item's theta (augment.grid_theta) -> uint8 [B, size, size, 3]."""
+    """uint8 [B, 3, H, W] through each item's theta (augment.grid_theta) -> uint8 [B, 3, size, size]."""
     grid = F.affine_grid(theta.to(images.device), [len(images), 3, size, size], align_corners=False)
     out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def decode_batch(encoded: list[torch.Tensor], samples: list[int], sample_name, device) -> torch.Tensor:
