@@ -128,6 +128,8 @@ class EvalConfig:
     projector_points: int = 1000  # TensorBoard projector, last evaluation only: a seeded subset; 0 disables
     timeout_s: int = 3600  # other ranks wait this long for the main one's share (report, plots, TensorBoard)
     bins: list[str] = field(default_factory=list)  # verification .bin sets (lfw.bin, ...): `<set>_acc` every `every` steps
+    flip: bool = False  # flip test-time augmentation (image + mirror), recorded in the checkpoint: the default of
+    #                     facedist-eval / -embed / -compare for it (--flip / --no-flip override)
 
 
 @dataclass

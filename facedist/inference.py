@@ -123,6 +123,11 @@ class ShardImages:
         return [f"{self.index.root} {self.index.split} sample {i}" for i in range(len(self))]
 
 
+def flip_default(requested: bool | None, preprocessing: dict) -> bool:
+    """Flip test-time augmentation: as asked (--flip / --no-flip), else as the checkpoint was validated."""
+    return bool(preprocessing.get("flip", False)) if requested is None else requested
+
+
 @torch.no_grad()
 def embed_batch(model: torch.nn.Module, images: torch.Tensor, flip: bool = False, normalize: bool = True) -> torch.Tensor:
     """L2-normalised (unless `normalize=False`) embeddings of a preprocessed batch [B, 3, S, S]; `flip`

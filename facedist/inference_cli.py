@@ -1,7 +1,7 @@
 """Command lines for using a trained model: `facedist-compare`, `facedist-embed`, `facedist-export`.
 
     facedist-compare --checkpoint CKPT IMG1 IMG2 [--threshold T | --far 1e-3] [--align]
-    facedist-embed   --checkpoint CKPT --folder DIR --out FILE.parquet|FILE.npz [--align] [--flip]
+    facedist-embed   --checkpoint CKPT --folder DIR --out FILE.parquet|FILE.npz [--align] [--[no-]flip]
     facedist-export  --checkpoint CKPT --onnx model.onnx --safetensors model.safetensors
 
 CKPT is a checkpoint directory, a training output_dir (its latest checkpoint) or a model.safetensors.
@@ -23,7 +23,7 @@ from facedist.checkpoint import (EMBEDDING_FILE, CheckpointError, write_atomic, 
                                  read_embedding_metadata, save_embedding_model)
 from facedist.evaluation.cli import THRESHOLDS_FILE
 from facedist.evaluation.metrics import far_key
-from facedist.inference import ImageError, embed_paths, list_images
+from facedist.inference import ImageError, embed_paths, flip_default, list_images
 
 EMBEDDING_FORMATS = (".parquet", ".npz")
 
@@ -62,10 +62,11 @@ def stored_threshold(checkpoint_dir: Path, far: float) -> tuple[float, dict]:
 
 def compare(args: argparse.Namespace) -> None:
     model, preprocessing, checkpoint_dir = load_embedding_model(args.checkpoint, _device(args.cpu))
-    flip = args.flip
+    flip = flip_default(args.flip, preprocessing)
     if args.threshold is None:
         threshold, record = stored_threshold(checkpoint_dir, args.far)
-        flip = flip or record.get("flip", False)  # the threshold holds for embeddings made the same way
+        if args.flip is None:  # the threshold holds for embeddings made the way it was measured
+            flip = record.get("flip", flip)
         source = f"FAR {far_key(args.far)} from {checkpoint_dir / THRESHOLDS_FILE}"
     else:
         threshold, source = args.threshold, "--threshold"
@@ -85,7 +86,8 @@ def compare_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, help="cosine threshold (default: the stored FAR threshold)")
     parser.add_argument("--far", type=float, default=1e-3, help="which stored threshold to use (default 1e-3)")
     parser.add_argument("--align", action="store_true", help="detect and align the faces first (raw photos)")
-    parser.add_argument("--flip", action="store_true", help="flip test-time augmentation")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                        help="flip test-time augmentation (default: as the checkpoint records, eval.flip)")
     parser.add_argument("--cpu", action="store_true")
     return _run("facedist-compare", compare, parser.parse_args(argv))
 
@@ -115,8 +117,8 @@ def embed(args: argparse.Namespace) -> None:
     out = Path(args.out)
     model, preprocessing, _ = load_embedding_model(args.checkpoint, _device(args.cpu))
     paths, identities = list_images(args.folder)
-    result = embed_paths(model, paths, preprocessing, args.batch_size, args.flip, args.align, args.num_workers,
-                         progress=True)
+    flip = flip_default(args.flip, preprocessing)
+    result = embed_paths(model, paths, preprocessing, args.batch_size, flip, args.align, args.num_workers, progress=True)
     if distributed.rank() != 0:
         return
     for message in result.skipped:
@@ -132,7 +134,8 @@ def embed_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folder", required=True, help="images; identity = first folder below DIR")
     parser.add_argument("--out", required=True, help="FILE.parquet or FILE.npz")
     parser.add_argument("--align", action="store_true", help="detect and align faces (images without one are skipped)")
-    parser.add_argument("--flip", action="store_true", help="flip test-time augmentation")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                        help="flip test-time augmentation (default: as the checkpoint records, eval.flip)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--cpu", action="store_true")

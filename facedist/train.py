@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         model = build_model(cfg.model, device)
     except (FileNotFoundError, ValueError) as err:  # model.pretrained: missing file, not a fitting state dict
         raise SystemExit(str(err)) from None
-    prep = preprocessing(model, cfg.model.image_size)
+    prep = {**preprocessing(model, cfg.model.image_size), "flip": cfg.eval.flip}  # stored with every checkpoint
     head = head_optimizer = None
     if cfg.loss.head != "none":
         from facedist.heads import build_head

@@ -28,6 +28,11 @@ declare -A runs=(
   [plus_warmup]="$adamw optim.warmup_steps=30"
   [plus_backbone_lr]="$adamw optim.warmup_steps=30 optim.backbone_lr_scale=0.1"
   [recipe]=""  # + model.input_norm=retinex
+  # candidates tried on top of the recipe (chosen on the dev split)
+  [plus_photometric]="data.augment.gamma=0.5 data.augment.contrast=0.4 data.augment.brightness=0.4"
+  [plus_cosface]="loss.head=cosface loss.scale=30 loss.margin=0.35"
+  [plus_adacos]="loss.head=adacos_fixed"
+  [plus_margin_0.3]="loss.pair_margin=0.3"
 )
 order="seed_radam_sf seed_adamw_cosine plus_warmup plus_backbone_lr recipe"
 

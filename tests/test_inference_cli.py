@@ -112,6 +112,22 @@ def test_embed_writes_every_image_with_path_and_identity(tiny, faces, tmp_path, 
     np.testing.assert_allclose(vectors, embed_paths(model, [Path(p) for p in paths], pre).vectors, atol=1e-6)
 
 
+def test_embed_and_compare_flip_as_the_checkpoint_records_unless_told(faces, tmp_path, capsys):
+    model, pre, file = save_tiny_model(tmp_path / "run", flip=True)  # trained with eval.flip=true
+    paths = sorted(faces.rglob("*.png"))
+    flipped, plain = (embed_paths(model, paths, pre, flip=flip).vectors for flip in (True, False))
+    assert not np.allclose(flipped, plain, atol=1e-3)
+    for args, expected in (([], flipped), (["--no-flip"], plain), (["--flip"], flipped)):
+        out = tmp_path / f"emb{len(args)}{''.join(args)}.npz"
+        embed_main(["--checkpoint", str(file), "--folder", str(faces), "--out", str(out), "--num-workers", "0", *args])
+        with np.load(out) as data:
+            order = [paths.index(Path(p)) for p in data["path"]]
+            np.testing.assert_allclose(data["embeddings"], expected[order], atol=1e-6)
+    for args, vectors in (([], flipped), (["--no-flip"], plain)):
+        compare_main(["--checkpoint", str(file), str(paths[0]), str(paths[3]), "--threshold", "0.5", *args])
+        assert f"cosine similarity {float(vectors[0] @ vectors[3]):.4f}" in capsys.readouterr().out
+
+
 def test_embed_rejects_unknown_format(tiny, faces, tmp_path):
     _, _, file = tiny
     with pytest.raises(SystemExit) as err:

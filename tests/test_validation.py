@@ -41,3 +41,19 @@ def test_evaluating_without_a_validation_split_says_what_to_do(synth_shards):
         validation_index(cfg)
     assert "no split 'holdout'" in str(err.value) and "eval.every=0" in str(err.value) and "--val-identities" in str(err.value)
     assert validation_index(load_config(None, [f"data.shards={synth_shards}", "eval.every=0"])) is None
+
+
+def test_validation_embeds_with_flip_when_the_run_records_eval_flip(synth_shards):
+    """eval.flip=true (stored as preprocessing["flip"]): validation scores image + mirror, as inference will."""
+    from facedist.data.dataset import make_eval_loader
+
+    cfg = load_config(None, [*OVERRIDES, f"data.shards={synth_shards}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    index, prep = ShardIndex(synth_shards, "val"), preprocessing(model, 32)
+    plain, _ = embed_split(model, index, cfg, prep, "cpu", contextlib.nullcontext)
+    flipped, _ = embed_split(model, index, cfg, {**prep, "flip": True}, "cpu", contextlib.nullcontext)
+    images = torch.cat([batch[0] for batch in make_eval_loader(index, prep, 2, max_images=2)])
+    with torch.no_grad():
+        torch.testing.assert_close(plain, model(images))
+        torch.testing.assert_close(flipped, model(images) + model(images.flip(-1)))

@@ -15,7 +15,7 @@ TINY_BACKBONE = "mobilenetv3_small_050"
 
 
 def save_tiny_model(output_dir: Path, image_size: int = 64, embedding_dim: int = 32, seed: int = 0,
-                    input_norm: str = "none", backbone: str = TINY_BACKBONE):
+                    input_norm: str = "none", backbone: str = TINY_BACKBONE, flip: bool = False):
     """A training output_dir with one checkpoint (step 7) holding only model.safetensors (random weights,
     non-trivial BN statistics); returns (model in eval mode, preprocessing, the model.safetensors file)."""
     torch.manual_seed(seed)
@@ -26,7 +26,7 @@ def save_tiny_model(output_dir: Path, image_size: int = 64, embedding_dim: int =
         for _ in range(2):
             model(torch.randn(4, 3, image_size, image_size))
     model.eval()
-    pre = preprocessing(model, image_size)
+    pre = {**preprocessing(model, image_size), "flip": flip}  # as training stores it (eval.flip)
     writer = CheckpointWriter(output_dir, keep=1, rank=0, barrier=lambda: None)
     checkpoint = writer.save(7, {}, {EMBEDDING_FILE: lambda tmp: save_embedding_model(model, pre, cfg.to_dict(), tmp, step=7)}, {})
     return model, pre, checkpoint / EMBEDDING_FILE

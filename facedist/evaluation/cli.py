@@ -1,6 +1,6 @@
 """`facedist-eval`: embed held-out faces with a checkpoint and write the verification/identification report.
 
-    facedist-eval --checkpoint RUN_OR_CKPT --shards DIR [--split test] --out DIR [--flip] [--tsne]
+    facedist-eval --checkpoint RUN_OR_CKPT --shards DIR [--split test] --out DIR [--[no-]flip] [--tsne]
     facedist-eval --checkpoint RUN_OR_CKPT --folder DIR --out DIR
     facedist-eval --checkpoint RUN_OR_CKPT --pairs pairs.txt --folder LFW_ROOT --out DIR
     facedist-eval --checkpoint RUN_OR_CKPT --bin lfw.bin [--bin cfp_fp.bin ...] --out DIR
@@ -28,7 +28,8 @@ import numpy as np
 from facedist import distributed
 from facedist.checkpoint import CheckpointError, write_atomic, load_embedding_model
 from facedist.data.shards import ShardError
-from facedist.inference import IMAGE_EXTENSIONS, ImageDataset, ImageError, ShardImages, embed_dataset, list_images
+from facedist.inference import (IMAGE_EXTENSIONS, ImageDataset, ImageError, ShardImages, embed_dataset, flip_default,
+                                list_images)
 
 THRESHOLDS_FILE = "thresholds.json"
 
@@ -106,7 +107,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--ijb", help="IJB-B/C folder as released (meta/, loose_crop/)")
     source.add_argument("--ijb-name", choices=("IJBB", "IJBC"), default="IJBC", help="which IJB set --ijb holds")
     parser.add_argument("--out", required=True, help="folder for metrics.json, plots and TensorBoard")
-    parser.add_argument("--flip", action="store_true", help="flip test-time augmentation")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                        help="flip test-time augmentation (default: as the checkpoint records, eval.flip)")
     parser.add_argument("--align", action="store_true", help="detect and align faces first (raw photos)")
     parser.add_argument("--tsne", action="store_true", help="also plot a t-SNE of the embeddings")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -193,7 +195,8 @@ def evaluate(args: argparse.Namespace, device) -> dict | None:
 
     model, preprocessing, checkpoint_dir = load_embedding_model(args.checkpoint, device)
     dataset, labels, pairs, description = _dataset(args, preprocessing)
-    result = embed_dataset(model, dataset, args.batch_size, args.flip, args.num_workers, progress=True)
+    flip = flip_default(args.flip, preprocessing)
+    result = embed_dataset(model, dataset, args.batch_size, flip, args.num_workers, progress=True)
     if distributed.rank() != 0:
         return None
     for message in result.skipped:
@@ -205,7 +208,7 @@ def evaluate(args: argparse.Namespace, device) -> dict | None:
     with SummaryWriter(str(out / "tensorboard")) as writer:
         metrics = evaluate_embeddings(result.vectors, labels[result.indices], out_dir=out, tb_writer=writer,
                                       pairs=_keep_pairs(pairs, result.indices, len(dataset)), tsne=args.tsne)
-    thresholds = write_thresholds(checkpoint_dir, metrics, description, args.flip, args.align)
+    thresholds = write_thresholds(checkpoint_dir, metrics, description, flip, args.align)
     print(f"facedist-eval: {description}: {len(result.indices)} images embedded, {len(result.skipped)} skipped; "
           f"report in {out}, thresholds in {thresholds}")
     return metrics

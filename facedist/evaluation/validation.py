@@ -25,6 +25,7 @@ from facedist.data.index import ShardIndex
 from facedist.data.shards import ShardError, load_manifest
 from facedist.evaluation.metrics import EvaluationAbandoned, check_stop
 from facedist.evaluation.report import evaluate_embeddings
+from facedist.inference import embed_batch
 
 
 def validation_index(cfg: Config) -> ShardIndex | None:
@@ -63,7 +64,7 @@ def embed_split(model: torch.nn.Module, index: ShardIndex, cfg: Config, preproce
             batch = next(batches, None)
             if batch is not None:
                 images, batch_labels, _ = batch
-                embeddings.append(model(images.to(device)).float())
+                embeddings.append(embed_batch(model, images.to(device), preprocessing.get("flip", False), normalize=False))
                 labels.append(batch_labels.to(device))
             check_stop(should_stop)
     return distributed.gather_rows(torch.cat(embeddings)), distributed.gather_rows(torch.cat(labels))
