@@ -33,6 +33,8 @@ class AugmentConfig:
     contrast: float = 0.0  # same, blending with the image's mean grey level
     saturation: float = 0.0  # same, blending with the pixel's grey level
     gamma: float = 0.0  # exponent uniform in [1 - gamma, 1 + gamma] (a uint8 lookup table); 0 disables, < 1
+    shading: float = 0.0  # directional light: x (1 + s * ramp), ramp -1 -> 1 across the face at a uniform angle,
+    #                       s uniform in [0, shading]; 0 disables, <= 1
 
 
 @dataclass
@@ -310,9 +312,11 @@ def _validate(cfg: Config) -> None:
     augment = cfg.data.augment
     if not 0.0 < augment.crop_scale_min <= 1.0:
         raise ConfigError(f"data.augment.crop_scale_min: must be in (0, 1], got {augment.crop_scale_min}")
-    for name in ("translate", "rotation", "brightness", "contrast", "saturation", "gamma"):
+    for name in ("translate", "rotation", "brightness", "contrast", "saturation", "gamma", "shading"):
         if getattr(augment, name) < 0:
             raise ConfigError(f"data.augment.{name}: must be >= 0 (0 disables), got {getattr(augment, name)}")
+    if augment.shading > 1:
+        raise ConfigError(f"data.augment.shading: must be <= 1 (the dark side's factor is 1 - shading), got {augment.shading}")
     if augment.gamma >= 1:
         raise ConfigError(f"data.augment.gamma: must be < 1 (the exponent is drawn in [1 - gamma, 1 + gamma]), got {augment.gamma}")
 

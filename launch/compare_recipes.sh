@@ -33,6 +33,9 @@ declare -A runs=(
   [plus_cosface]="loss.head=cosface loss.scale=30 loss.margin=0.35"
   [plus_adacos]="loss.head=adacos_fixed"
   [plus_margin_0.3]="loss.pair_margin=0.3"
+  [adamw_photometric]="$adamw data.augment.gamma=0.5 data.augment.contrast=0.4 data.augment.brightness=0.4"
+  [adamw_retinex]="$adamw model.input_norm=retinex"
+  [adamw_ids16x2]="$adamw data.classes_per_batch=16 data.images_per_class=2"
 )
 order="seed_radam_sf seed_adamw_cosine plus_warmup plus_backbone_lr recipe"
 

@@ -25,7 +25,7 @@ def test_default_is_flip_only_and_exact():
         planes = image.transpose(2, 0, 1)
         flipped = np.array_equal(out, planes[:, :, ::-1])
         assert flipped or np.array_equal(out, planes)  # no resampling at all
-        assert np.all(draw.photometric == 1)
+        assert np.all(draw.photometric[:4] == 1) and np.all(draw.photometric[4:] == 0)
         flips += flipped
     assert 0 < flips < 20
 
@@ -49,6 +49,9 @@ def test_draws_are_keyed_and_each_option_leaves_the_others_alone():
     with_gamma = aug.draw(7, AugmentConfig(**{**SEED_RECIPE.__dict__, "gamma": 0.3}), (40, 40), 32)
     assert np.array_equal(with_gamma.matrix, a.matrix) and np.array_equal(with_gamma.photometric[:3], a.photometric[:3])
     assert 0.7 <= with_gamma.photometric[3] <= 1.3 and a.photometric[3] == 1
+    shaded = aug.draw(7, AugmentConfig(**{**SEED_RECIPE.__dict__, "shading": 0.5}), (40, 40), 32)
+    assert np.array_equal(shaded.matrix, a.matrix) and np.array_equal(shaded.photometric[:4], a.photometric[:4])
+    assert np.all(a.photometric[4:] == 0) and 0 < np.hypot(*shaded.photometric[4:]) <= 0.5 / np.sqrt(2) + 1e-7
 
 
 def test_gpu_warp_uses_the_same_affine_map_as_the_cpu_warp():

@@ -101,12 +101,14 @@ def test_images_per_step_follows_the_sampler():
     assert cfg.data.images_per_step() == 12
 
 
-@pytest.mark.parametrize("key", ["brightness", "contrast", "saturation", "gamma", "rotation", "translate"])
+@pytest.mark.parametrize("key", ["brightness", "contrast", "saturation", "gamma", "shading", "rotation", "translate"])
 def test_negative_augmentation_strengths_are_refused_in_one_line(key):
     with pytest.raises(ConfigError, match=f"data.augment.{key}: must be >= 0"):
         load_config(overrides=[f"data.augment.{key}=-0.1"])
     with pytest.raises(ConfigError, match="data.augment.gamma: must be < 1"):
         load_config(overrides=["data.augment.gamma=1"])
+    with pytest.raises(ConfigError, match="data.augment.shading: must be <= 1"):
+        load_config(overrides=["data.augment.shading=1.5"])
 
 
 def test_checkpoint_configs_with_color_jitter_still_load():

@@ -22,9 +22,9 @@ from facedist.data.shards import ShardError
 from facedist.inference import preprocess
 
 PREP = {"image_size": 24, "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3]}
-# every option on: warp (crop, shift, rotation, flip) and all photometric factors, gamma's table included
+# every option on: warp (crop, shift, rotation, flip) and all photometric factors, gamma's table and shading included
 FULL = AugmentConfig(crop_scale_min=0.8, translate=0.05, rotation=15, brightness=0.2, contrast=0.2, saturation=0.2,
-                     gamma=0.2)
+                     gamma=0.2, shading=0.7)
 
 
 class FakeIndex:
@@ -107,7 +107,7 @@ def test_batches_travel_as_uint8():
                                                        augment=FULL), PREP, 1, 0, 1)
     batch = next(iter(loader))
     assert batch.images.dtype == torch.uint8 and batch.images.shape == (4, 3, 24, 24)
-    assert batch.gamma_tables.dtype == torch.uint8 and batch.photometric.shape == (4, 4)
+    assert batch.gamma_tables.dtype == torch.uint8 and batch.photometric.shape == (4, 6)
 
 
 def test_train_loader_resumes_at_start_step():

@@ -11,7 +11,7 @@ from facedist.data import device_augment
 from facedist.data.device_augment import GREY, DeviceAugment
 
 PREP = {"image_size": 20, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-STRONG = AugmentConfig(brightness=0.6, contrast=0.6, saturation=0.8, gamma=0.5)
+STRONG = AugmentConfig(brightness=0.6, contrast=0.6, saturation=0.8, gamma=0.5, shading=0.9)
 
 
 class _Dataset:  # what DeviceAugment reads of a FaceDataset
@@ -29,14 +29,19 @@ def _batch(count=6, seed=0):
 
 
 def _reference(images, factors, tables):
-    """gamma (table), saturation, brightness, contrast, clamp, normalise: one image at a time, float64."""
+    """gamma (table), shading, saturation, brightness, contrast (to the mean grey before shading), clamp,
+    normalise: one image at a time, float64, pixel by pixel."""
     out = []
-    for image, (brightness, contrast, saturation, _), table in zip(images, factors.double(), tables):
+    for image, (brightness, contrast, saturation, _, slope_x, slope_y), table in zip(images, factors.double(), tables):
         x = table[image.long()].double()
+        mean_grey = sum(w * x[c] for c, w in enumerate(GREY)).mean()
+        size = x.shape[-1]
+        centres = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1
+        x = x * (1 + slope_x * centres.view(1, 1, size) + slope_y * centres.view(1, size, 1))
         grey = sum(w * x[c] for c, w in enumerate(GREY))
         x = saturation * x + (1 - saturation) * grey
         x = brightness * x
-        x = contrast * x + (1 - contrast) * sum(w * x[c] for c, w in enumerate(GREY)).mean()
+        x = contrast * x + (1 - contrast) * brightness * mean_grey
         x = x.clamp(0, 255) / 255
         out.append((x - torch.tensor(PREP["mean"]).view(3, 1, 1)) / torch.tensor(PREP["std"]).view(3, 1, 1))
     return torch.stack(out)
@@ -49,11 +54,15 @@ def test_photometric_step_matches_a_plain_reference():
     torch.testing.assert_close(result.double(), _reference(images, factors, tables), rtol=0, atol=2e-5)
     # the factors were strong enough to clamp: the bound is reached, as in the reference
     assert torch.isclose(result, result.new_tensor((1 - 0.485) / 0.229)).any()
+    # shading darkens one side: with every other factor at 1, the mean over the image halves follows the slope
+    neutral = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.8, 0.0]).expand(len(images), 6)
+    shaded = DeviceAugment(_Dataset(STRONG), "cpu").augment_and_normalise(torch.full_like(images, 100), neutral, None)
+    assert shaded[..., :10].mean() < shaded[..., 10:].mean()
 
 
 def test_without_photometric_options_it_only_normalises():
     images, _, _ = _batch()
-    ones = torch.ones(len(images), 4)
+    ones = torch.tensor([[1.0] * 4 + [0.0] * 2]).expand(len(images), 6)
     result = DeviceAugment(_Dataset(AugmentConfig()), "cpu").augment_and_normalise(images, ones, None)
     expected = (images.double() / 255 - torch.tensor(PREP["mean"]).view(3, 1, 1)) / torch.tensor(PREP["std"]).view(3, 1, 1)
     torch.testing.assert_close(result.double(), expected, rtol=0, atol=1e-6)

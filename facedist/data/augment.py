@@ -4,7 +4,7 @@ Geometry (crop / scale / translation / rotation / flip) is ONE affine map from o
 pixels, applied with OpenCV's `warpAffine` (bilinear, replicated border: no black corners; the same
 scale on both axes: the aspect ratio is kept). OpenCV because it measured 4x faster than Pillow's
 affine transform for the same bilinear warp (README, Benchmarks). The photometric part (brightness,
-contrast, saturation, gamma) only draws its factors here; it runs on the training device on the whole
+contrast, saturation, gamma, directional shading) only draws its factors here; it runs on the training device on the whole
 batch (facedist/data/device_augment.py). The GPU decode path turns the same matrix into an
 `affine_grid` theta (`grid_theta`), so both paths share this parameter drawing.
 """
@@ -19,17 +19,18 @@ import numpy as np
 
 from facedist.config import AugmentConfig
 
-PHOTOMETRIC = ("brightness", "contrast", "saturation", "gamma")  # columns of `Draw.photometric`
+PHOTOMETRIC = ("brightness", "contrast", "saturation", "gamma")  # factors: the first columns of `Draw.photometric`
+SHADING_COLUMNS = 2  # then the shading ramp's slopes along x and y (0 = no shading)
 
 
 @dataclass
 class Draw:
     matrix: np.ndarray  # [2, 3] float64: output pixel (u, v, 1) -> source pixel (x, y), OpenCV's inverse map
-    photometric: np.ndarray  # [4] float32 factors, PHOTOMETRIC order (1 = unchanged)
+    photometric: np.ndarray  # [6] float32: PHOTOMETRIC factors (1 = unchanged), then the shading slopes (0 = none)
 
 
 def has_photometric(augment: AugmentConfig) -> bool:
-    return any(getattr(augment, name) > 0 for name in PHOTOMETRIC)
+    return any(getattr(augment, name) > 0 for name in (*PHOTOMETRIC, "shading"))
 
 
 def draw(aug_seed: int | None, augment: AugmentConfig, source_hw: tuple[int, int], size: int) -> Draw:
@@ -37,11 +38,11 @@ def draw(aug_seed: int | None, augment: AugmentConfig, source_hw: tuple[int, int
     height, width = source_hw
     side = min(height, width)  # the centred square the shard builder keeps from a non-square image
     centre_x, centre_y = width / 2, height / 2
-    angle, flip, photometric = 0.0, False, [1.0] * len(PHOTOMETRIC)
+    angle, flip, photometric = 0.0, False, [1.0] * len(PHOTOMETRIC) + [0.0] * SHADING_COLUMNS
     if aug_seed is not None:
         # a fixed number of draws in a fixed order: enabling one option never changes another's values;
         # Python floats from here on (numpy scalars cost ~1 us an operation, a sizeable part of an image's time)
-        u = np.random.default_rng(aug_seed).random(7 + len(PHOTOMETRIC)).tolist()
+        u = np.random.default_rng(aug_seed).random(7 + len(PHOTOMETRIC) + SHADING_COLUMNS).tolist()
         room = min(height, width)
         side *= math.sqrt(augment.crop_scale_min + (1 - augment.crop_scale_min) * u[0])  # area fraction, square
         slack = (room - side) / 2  # the crop moves inside the centred square, then by translate
@@ -52,6 +53,10 @@ def draw(aug_seed: int | None, augment: AugmentConfig, source_hw: tuple[int, int
         for k, name in enumerate(PHOTOMETRIC):  # factor uniform in [max(0, 1 - strength), 1 + strength]
             low, high = max(0.0, 1 - getattr(augment, name)), 1 + getattr(augment, name)
             photometric[k] = low + (high - low) * u[7 + k]
+        # directional shading: the ramp's slope vector, strength uniform in [0, shading], direction uniform; the
+        # ramp is x cos + y sin over [-1, 1] coordinates / sqrt(2), so it spans at most [-1, 1] on the image
+        strength, direction = augment.shading * u[11] / math.sqrt(2), 2 * math.pi * u[12]
+        photometric[4:] = strength * math.cos(direction), strength * math.sin(direction)
     scale = side / size
     cos, sin = math.cos(angle) * scale, math.sin(angle) * scale
     a, b, c, d = (-cos if flip else cos), -sin, (-sin if flip else sin), cos  # [[a, b], [c, d]]: output -> source

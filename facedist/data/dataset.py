@@ -125,7 +125,7 @@ class TrainBatch(NamedTuple):
     encoded: list | None  # B encoded JPEGs, uint8 tensors (GPU decode)
     theta: torch.Tensor | None  # [B, 2, 3] float32 affine_grid theta of each warp (GPU decode)
     labels: torch.Tensor  # [B] int64
-    photometric: torch.Tensor  # [B, 4] float32 factors (augment.PHOTOMETRIC)
+    photometric: torch.Tensor  # [B, 6] float32 factors (augment.PHOTOMETRIC), shading slopes
     gamma_tables: torch.Tensor | None  # [B, 256] uint8 (when data.augment.gamma > 0)
     samples: torch.Tensor  # [B] int64 sample indices (to name a bad image)
 

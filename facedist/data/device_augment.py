@@ -1,12 +1,13 @@
 """A loader's TrainBatch -> normalised float images on the training device: photometric augmentation
-(gamma, saturation, brightness, contrast), float conversion and normalisation on the whole batch.
+(gamma, directional shading, saturation, brightness, contrast), float conversion and normalisation on the whole batch.
 
 The batch crosses to the device as uint8 (pinned by the loader when CUDA is there, copied non_blocking).
 Every factor comes from the item's draw (facedist/data/augment.py), and every operation is elementwise
 or an integer sum, each a single IEEE-exact operation per element (no fused multiply-add, no float pow:
 gamma is a uint8 table), so an image's result does not depend on which batch or rank it is in.
-Order: gamma (table on the uint8 input), saturation (blend with the pixel's grey), brightness (scale),
-contrast (blend with the image's mean grey), then one clamp to [0, 255] and normalisation, all folded
+Order: gamma (table on the uint8 input), shading (times 1 + a linear ramp across the image: a light from
+one side), saturation (blend with the pixel's grey), brightness (scale), contrast (blend with the image's
+mean grey, taken before shading), then one clamp to [0, 255] and normalisation, all folded
 into one per-image, per-channel affine map.
 The result is NCHW contiguous, as the previous pipeline gave it; a channels_last model converts it in
 its first convolution.
@@ -30,6 +31,7 @@ class DeviceAugment:
     def __init__(self, dataset: FaceDataset, device):
         self.dataset, self.device = dataset, torch.device(device)
         self.saturation = dataset.augment.saturation > 0
+        self.shading = dataset.augment.shading > 0
         self.photometric = has_photometric(dataset.augment)
         prep = dataset.preprocessing
         self.mean = torch.tensor(prep["mean"], dtype=torch.float64, device=self.device)
@@ -50,7 +52,7 @@ class DeviceAugment:
         return self.augment_and_normalise(images, factors, tables), labels
 
     def augment_and_normalise(self, images: torch.Tensor, factors: torch.Tensor, tables: torch.Tensor | None):
-        """uint8 [B, 3, S, S] on the device, factors [B, 4], gamma tables [B, 256] or None -> float [B, 3, S, S]."""
+        """uint8 [B, 3, S, S] on the device, factors [B, 6] (Draw.photometric), gamma tables [B, 256] or None -> float [B, 3, S, S]."""
         count, _, height, width = images.shape
         out = torch.empty((count, 3, height, width), device=images.device)
         # on a CPU, a few images at a time keep the passes in cache (measured ~1.4x faster at 224 px);
@@ -66,13 +68,20 @@ class DeviceAugment:
         if tables is not None:
             images = tables.gather(1, images.reshape(count, -1).long()).to(torch.uint8).view(count, 3, height, width)
         out.copy_(images)  # to float, in place; planes: every per-channel operation runs over whole planes
+        if self.photometric:  # sums of integers: exact (hence the same in any order) below 2**24 per channel in float32
+            planes = out.view(count * 3, -1)
+            sums = (planes.sum(1) if 255 * height * width < 2**24 else planes.double().sum(1)).view(count, 3)
+        if self.shading:  # x (1 + slope_x * u + slope_y * v), (u, v) pixel centres in [-1, 1]
+            u = (torch.arange(width, device=out.device) * 2 + 1) / width - 1
+            v = (torch.arange(height, device=out.device) * 2 + 1) / height - 1
+            ramp = factors[:, 4].view(count, 1, 1) * u.view(1, 1, width)
+            ramp = ramp + factors[:, 5].view(count, 1, 1) * v.view(1, height, 1)
+            ramp += 1
+            out *= ramp.unsqueeze(1)
         # per image and channel: y = alpha * x + beta * grey(x) + offset; coefficients in float64 on [B, 3]
         scale = 1 / (255 * self.std)
         if self.photometric:
             brightness, contrast, saturation = factors[:, 0].double(), factors[:, 1].double(), factors[:, 2].double()
-            # sums of integers: exact (hence the same in any order) below 2**24 per channel in float32
-            planes = out.view(count * 3, -1)
-            sums = (planes.sum(1) if 255 * height * width < 2**24 else planes.double().sum(1)).view(count, 3)
             mean_grey = (sums.double() * self.grey).sum(dim=1) / (height * width)  # saturation keeps the grey level
             gain = brightness * contrast
             alpha = (gain * saturation)[:, None] * scale
