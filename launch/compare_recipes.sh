@@ -36,6 +36,8 @@ declare -A runs=(
   [adamw_photometric]="$adamw data.augment.gamma=0.5 data.augment.contrast=0.4 data.augment.brightness=0.4"
   [adamw_retinex]="$adamw model.input_norm=retinex"
   [adamw_ids16x2]="$adamw data.classes_per_batch=16 data.images_per_class=2"
+  [adamw_photometric_shading]="$adamw data.augment.gamma=0.5 data.augment.contrast=0.4 data.augment.brightness=0.4 data.augment.shading=0.8"
+  [adamw_shading]="$adamw data.augment.shading=0.8"
 )
 order="seed_radam_sf seed_adamw_cosine plus_warmup plus_backbone_lr recipe"
 
