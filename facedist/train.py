@@ -110,8 +110,6 @@ def main(argv=None) -> int:
         raise SystemExit("train.mixed_precision: fp16 needs a GPU (on CPU, Accelerate has no fp16 autocast or "
                          "loss scaler); use bf16 or no")
     set_seed(cfg.train.seed)  # identical initial weights on every rank
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
 
     # --- data: random access into shards; rank r loads slice r of each global batch
     train_index = ShardIndex(cfg.data.shards, cfg.data.split_train)
@@ -140,6 +138,9 @@ def main(argv=None) -> int:
                                            cfg.train.max_steps)
     fingerprint = load_manifest(cfg.data.shards)["splits"][cfg.data.split_train]["index_sha256"]
     dependencies = checkpoint.dependencies(cfg, train_index.num_classes, fingerprint)
+
+    if is_main:  # only now: a start refused above (shards, weights, config) leaves no empty output_dir behind
+        output_dir.mkdir(parents=True, exist_ok=True)
 
     # --- resume: weights and optimizer state before `prepare`, then the loop continues at the saved step
     start_step, resume_from, superseded = 0, None, None

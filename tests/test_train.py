@@ -126,12 +126,14 @@ def test_bad_config_fails_at_start_with_one_line(shards, tmp_path):
 
 
 def test_bad_shards_or_weights_file_fail_with_one_line(shards, tmp_path):
-    proc = train([*TINY, f"data.shards={tmp_path / 'nowhere'}", f"output_dir={tmp_path}"], check=False)
+    out = tmp_path / "run"
+    proc = train([*TINY, f"data.shards={tmp_path / 'nowhere'}", f"output_dir={out}"], check=False)
     assert proc.returncode != 0 and "nowhere/manifest.json not found" in proc.stderr and "Traceback" not in proc.stderr
     (tmp_path / "junk.pt").write_bytes(b"not torch")
-    proc = train([*TINY, f"data.shards={shards}", f"model.pretrained={tmp_path / 'junk.pt'}", f"output_dir={tmp_path}"],
+    proc = train([*TINY, f"data.shards={shards}", f"model.pretrained={tmp_path / 'junk.pt'}", f"output_dir={out}"],
                  check=False)
     assert proc.returncode != 0 and "model.pretrained" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()  # a refused start leaves no empty run folder behind
 
 
 @pytest.mark.slow
