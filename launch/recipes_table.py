@@ -1,8 +1,12 @@
-"""The README table of launch/compare_recipes.sh: per run and split, mean and spread over seeds.
+"""The README tables of launch/compare_recipes.sh: per run and split, mean and spread over seeds, then the
+acceptance check of the recipe against the seeds' two recipes.
 
-    python launch/recipes_table.py OUT NAME OVERRIDES [NAME OVERRIDES ...]
+    python launch/recipes_table.py OUT NAME WHAT [NAME WHAT ...]
 
-Reads OUT/SPLIT/NAME/seedS/test.json (facedist.evaluation.protocol). Spread = max - min over the seeds.
+Reads OUT/SPLIT/NAME/seedS/test.json (facedist.evaluation.protocol); a run that also has test_noflip.json
+(the same weights embedded without flip test-time augmentation) gets a row for that too, before its own.
+Spread = max - min over the seeds. Acceptance, per split and metric (AUC, TAR@FAR=1e-2): the recipe's mean
+minus each seed recipe's mean, against 3 x the larger of the two spreads.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import sys
 from pathlib import Path
 
 METRICS = (("auc", "test AUC"), ("tar@far=1e-2", "TAR@FAR=1e-2"), ("rank1", "rank-1"))
+SEED_RECIPES, RECIPE = ("seed_radam_sf", "seed_adamw_cosine"), "recipe"
 
 
 def cell(values: list[float]) -> str:
@@ -21,18 +26,43 @@ def cell(values: list[float]) -> str:
     return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {max(values) - min(values):.3f}"
 
 
+def reports(out: Path, split: str, name: str, file: str = "test.json") -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / split / name).glob(f"seed*/{file}"))]
+
+
+def acceptance(out: Path, splits: list[str]) -> list[str]:
+    lines = []
+    for split in splits:
+        recipe = reports(out, split, RECIPE)
+        for seed_name in SEED_RECIPES:
+            seed = reports(out, split, seed_name)
+            if len(recipe) < 2 or len(seed) < 2:
+                continue
+            parts = []
+            for key in ("auc", "tar@far=1e-2"):
+                a, b = [r[key] for r in recipe], [r[key] for r in seed]
+                gain = sum(a) / len(a) - sum(b) / len(b)
+                bound = 3 * max(max(a) - min(a), max(b) - min(b))
+                parts.append(f"{key} {gain:+.3f} vs 3 x spread {bound:.3f}: {'beats' if gain > bound else 'does NOT beat'}")
+            lines.append(f"- split {split}, recipe ({len(recipe)} seeds) vs {seed_name} ({len(seed)} seeds): " + "; ".join(parts))
+    return lines
+
+
 def main(argv: list[str]) -> int:
     out, pairs = Path(argv[0]), list(zip(argv[1::2], argv[2::2]))
     splits = sorted(p.name for p in out.iterdir() if p.is_dir()) if out.is_dir() else []
-    print("| run | split | seeds | " + " | ".join(title for _, title in METRICS) + " | overrides of configs/faces_finetune.yaml |")
+    print("| run | split | seeds | " + " | ".join(title for _, title in METRICS) + " | what it is |")
     print("|---|---|---|" + "---|" * len(METRICS) + "---|")
-    for name, overrides in pairs:
+    for name, what in pairs:
         for split in splits:
-            reports = [json.loads(p.read_text()) for p in sorted((out / split / name).glob("seed*/test.json"))]
-            if not reports:
-                continue
-            cells = [cell([r[key] for r in reports if r[key] is not None]) for key, _ in METRICS]
-            print(f"| {name} | {split} | {len(reports)} | " + " | ".join(cells) + f" | `{' '.join(overrides.split()) or '(the recipe)'}` |")
+            for file, label, about in (("test_noflip.json", f"{name}, no flip TTA", f"{what}, embedded without flip"),
+                                       ("test.json", name, what)):
+                found = reports(out, split, name, file)
+                if found:
+                    cells = [cell([r[key] for r in found if r[key] is not None]) for key, _ in METRICS]
+                    print(f"| {label} | {split} | {len(found)} | " + " | ".join(cells) + f" | {about} |")
+    print()
+    print("\n".join(acceptance(out, [s for s in splits if s != "dev"])))
     return 0
 
 
