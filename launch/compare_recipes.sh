@@ -43,10 +43,13 @@ declare -A runs=(
   [aps_geometry]="$adamw $photometric data.augment.crop_scale_min=0.8 data.augment.rotation=10"
   [aps_strong]="$adamw data.augment.gamma=0.6 data.augment.contrast=0.5 data.augment.brightness=0.5 data.augment.shading=1.0"
   [aps_warmup]="$adamw $photometric optim.warmup_steps=30"
+  [adamw_retinex]="$adamw model.input_norm=retinex"
+  [adamw_backbone_lr]="$adamw optim.backbone_lr_scale=0.1"
+  [adamw_dim128]="$adamw model.embedding_dim=128"
 )
 order="seed_radam_sf seed_adamw_cosine plus_photometric recipe"
 dev_order="first_guess first_guess_photometric first_guess_cosface first_guess_adacos adamw_shading adamw_margin_0.3
-  adamw_bn_frozen aps_geometry aps_strong aps_warmup"
+  adamw_bn_frozen aps_geometry aps_strong aps_warmup adamw_retinex adamw_backbone_lr adamw_dim128"
 
 ids() { for i in "$@"; do printf 's%02d ' "$i"; done; }
 declare -A test_ids=([dev]="$(ids $(seq 1 8))" [A]="$(ids $(seq 29 40))" [B]="$(ids $(seq 17 28))")
@@ -98,6 +101,9 @@ declare -A about=(
   [aps_geometry]="recipe's augmentation + crop 0.8 + rotation 10"
   [aps_strong]="recipe's augmentation, stronger (gamma 0.6, contrast / brightness 0.5, shading 1.0)"
   [aps_warmup]="recipe's augmentation + warmup 30 steps"
+  [adamw_retinex]="AdamW + retinex input normalisation alone"
+  [adamw_backbone_lr]="AdamW + backbone lr x 0.1 alone"
+  [adamw_dim128]="AdamW, 128-d embeddings"
 )
 table_args=(); for name in $order $dev_order; do table_args+=("$name" "${about[$name]}"); done
 "$bin/python" launch/recipes_table.py "$out" "${table_args[@]}"
