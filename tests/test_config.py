@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from facedist.config import Config, ConfigError, config_from_dict, load_config
@@ -137,3 +139,9 @@ def test_silently_ignored_values_are_refused(overrides, fragment):
         load_config(None, overrides)
     assert fragment in str(err.value) and "\n" not in str(err.value)
     assert load_config(None, ["optim.name=adamw_cosine", "optim.warmup_steps=100"]).optim.warmup_steps == 100
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)  # unknown keys and out-of-range values are refused
+    assert cfg.train.max_steps > 0
