@@ -73,7 +73,7 @@ for split in ${SPLITS:-A B}; do
       rm -rf "$run" && mkdir -p "$(dirname "$run")"
       # shellcheck disable=SC2086  # the run's overrides are words
       nice -n "$nice" "$bin/python" facedist/train.py --config configs/faces_finetune.yaml data.shards="$data/$split" \
-        model.backbone=tf_efficientnet_lite0 model.pretrained="$lite0" model.image_size=112 train.seed="$seed" \
+        model.backbone=tf_efficientnet_lite0 model.pretrained="$lite0" model.image_size=112 model.channels_last=true train.seed="$seed" \
         eval.every=0 output_dir="$run" data.num_workers=1 checkpoint.every=0 ${runs[$name]} "$@" > "$run.log" 2>&1 \
         || { echo "run $run failed: see $run.log"; exit 1; }
       nice -n "$nice" "$bin/facedist-embed" --checkpoint "$run" --folder "$data/$split.test" --out "$run/test.npz" --cpu >> "$run.log" 2>&1
