@@ -51,6 +51,26 @@ order="seed_radam_sf seed_adamw_cosine plus_photometric recipe"
 dev_order="first_guess first_guess_photometric first_guess_cosface first_guess_adacos adamw_shading adamw_margin_0.3
   adamw_bn_frozen aps_geometry aps_strong aps_warmup adamw_retinex adamw_backbone_lr adamw_dim128"
 
+declare -A about=(
+  [seed_radam_sf]="the seeds' recipe: triplet (margin 0.1, cosine) + RAdamScheduleFree lr 1e-3, flip only"
+  [seed_adamw_cosine]="the same with AdamW + cosine lr 1e-3"
+  [plus_photometric]="+ gamma 0.5, contrast 0.4, brightness 0.4 (device-side)"
+  [recipe]="+ directional shading 0.8, + flip test-time augmentation: configs/faces_finetune.yaml"
+  [first_guess]="AdamW + warmup 30 + backbone lr x 0.1 + retinex input normalisation (the first guess)"
+  [first_guess_photometric]="first guess + gamma / contrast / brightness"
+  [first_guess_cosface]="first guess + CosFace head (s 30, m 0.35) with the triplet loss"
+  [first_guess_adacos]="first guess + AdaCos head with the triplet loss"
+  [adamw_shading]="AdamW + shading 0.8 alone"
+  [adamw_margin_0.3]="AdamW, triplet margin 0.3"
+  [adamw_bn_frozen]="AdamW, BatchNorm frozen at ImageNet statistics"
+  [aps_geometry]="recipe's augmentation + crop 0.8 + rotation 10"
+  [aps_strong]="recipe's augmentation, stronger (gamma 0.6, contrast / brightness 0.5, shading 1.0)"
+  [aps_warmup]="recipe's augmentation + warmup 30 steps"
+  [adamw_retinex]="AdamW + retinex input normalisation alone"
+  [adamw_backbone_lr]="AdamW + backbone lr x 0.1 alone"
+  [adamw_dim128]="AdamW, 128-d embeddings"
+)
+
 ids() { for i in "$@"; do printf 's%02d ' "$i"; done; }
 declare -A test_ids=([dev]="$(ids $(seq 1 8))" [A]="$(ids $(seq 29 40))" [B]="$(ids $(seq 17 28))")
 
@@ -86,24 +106,5 @@ for split in ${SPLITS:-A B}; do
     done
   done
 done
-declare -A about=(
-  [seed_radam_sf]="the seeds' recipe: triplet (margin 0.1, cosine) + RAdamScheduleFree lr 1e-3, flip only"
-  [seed_adamw_cosine]="the same with AdamW + cosine lr 1e-3"
-  [plus_photometric]="+ gamma 0.5, contrast 0.4, brightness 0.4 (device-side)"
-  [recipe]="+ directional shading 0.8, + flip test-time augmentation: configs/faces_finetune.yaml"
-  [first_guess]="AdamW + warmup 30 + backbone lr x 0.1 + retinex input normalisation (the first guess)"
-  [first_guess_photometric]="first guess + gamma / contrast / brightness"
-  [first_guess_cosface]="first guess + CosFace head (s 30, m 0.35) with the triplet loss"
-  [first_guess_adacos]="first guess + AdaCos head with the triplet loss"
-  [adamw_shading]="AdamW + shading 0.8 alone"
-  [adamw_margin_0.3]="AdamW, triplet margin 0.3"
-  [adamw_bn_frozen]="AdamW, BatchNorm frozen at ImageNet statistics"
-  [aps_geometry]="recipe's augmentation + crop 0.8 + rotation 10"
-  [aps_strong]="recipe's augmentation, stronger (gamma 0.6, contrast / brightness 0.5, shading 1.0)"
-  [aps_warmup]="recipe's augmentation + warmup 30 steps"
-  [adamw_retinex]="AdamW + retinex input normalisation alone"
-  [adamw_backbone_lr]="AdamW + backbone lr x 0.1 alone"
-  [adamw_dim128]="AdamW, 128-d embeddings"
-)
 table_args=(); for name in $order $dev_order; do table_args+=("$name" "${about[$name]}"); done
 "$bin/python" launch/recipes_table.py "$out" "${table_args[@]}"
