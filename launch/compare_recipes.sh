@@ -52,10 +52,10 @@ dev_order="first_guess first_guess_photometric first_guess_cosface first_guess_a
   adamw_bn_frozen aps_geometry aps_strong aps_warmup adamw_retinex adamw_backbone_lr adamw_dim128"
 
 declare -A about=(
-  [seed_radam_sf]="the seeds' recipe: triplet (margin 0.1, cosine) + RAdamScheduleFree lr 1e-3, flip only"
+  [seed_radam_sf]="the seeds' recipe: triplet (margin 0.1, cosine) + RAdamScheduleFree lr 1e-3, mirror augmentation only"
   [seed_adamw_cosine]="the same with AdamW + cosine lr 1e-3"
   [plus_photometric]="+ gamma 0.5, contrast 0.4, brightness 0.4 (device-side)"
-  [recipe]="+ directional shading 0.8, + flip test-time augmentation: configs/faces_finetune.yaml"
+  [recipe]="+ shading 0.8 (the lighting augmentation whole), + flip TTA: configs/faces_finetune.yaml"
   [first_guess]="AdamW + warmup 30 + backbone lr x 0.1 + retinex input normalisation (the first guess)"
   [first_guess_photometric]="first guess + gamma / contrast / brightness"
   [first_guess_cosface]="first guess + CosFace head (s 30, m 0.35) with the triplet loss"
