@@ -24,51 +24,79 @@ baseline="model.input_norm=none model.bn=batch optim.backbone_lr_scale=1.0 optim
   data.augment.gamma=0 data.augment.contrast=0 data.augment.brightness=0 data.augment.saturation=0 data.augment.shading=0"
 adamw="$baseline optim.name=adamw_cosine optim.lr=1e-3 optim.weight_decay=0"
 photometric="data.augment.gamma=0.5 data.augment.contrast=0.4 data.augment.brightness=0.4 data.augment.shading=0.8"
+cosface="loss.pair=none loss.head=cosface loss.scale=30 loss.margin=0.35"
 first_guess="$adamw optim.warmup_steps=30 optim.backbone_lr_scale=0.1 model.input_norm=retinex"  # the recipe before dev
 declare -A runs=(
   [seed_radam_sf]="$baseline optim.name=radam_schedulefree optim.lr=1e-3 optim.weight_decay=0"
   [seed_adamw_cosine]="$adamw"
-  # the recipe's ingredients added one at a time on top of AdamW + cosine; the last, eval.flip=true, changes
-  # no weight: its effect is shown by embedding the recipe's own runs without it too (test_noflip.json)
-  [plus_photometric]="$adamw data.augment.gamma=0.5 data.augment.contrast=0.4 data.augment.brightness=0.4"
-  [recipe]=""  # = plus_photometric + data.augment.shading=0.8 (then embedded --no-flip) + eval.flip=true
-  # tried on the dev split (1 seed) and not kept: README, "Fine-tuning recipe"
+  # the recipe's ingredients added one at a time on top of AdamW + cosine; the lighting augmentation and
+  # eval.flip=true are measured on the recipe's own runs, embedded without flip too (test_noflip.json)
+  [plus_cosface]="$adamw $cosface"
+  [recipe]=""  # = plus_cosface + $photometric (embedded --no-flip) + eval.flip=true: configs/faces_finetune.yaml
+  [triplet_lighting]="$adamw $photometric eval.flip=true"  # the previous recipe: the triplet loss kept
+  # tried on the dev split and not kept: README, "Fine-tuning recipe"
   [first_guess]="$first_guess"
   [first_guess_photometric]="$first_guess data.augment.gamma=0.5 data.augment.contrast=0.4 data.augment.brightness=0.4"
-  [first_guess_cosface]="$first_guess loss.head=cosface loss.scale=30 loss.margin=0.35"
+  [first_guess_cosface]="$first_guess $cosface loss.pair=triplet"
   [first_guess_adacos]="$first_guess loss.head=adacos_fixed"
+  [plus_photometric]="$adamw data.augment.gamma=0.5 data.augment.contrast=0.4 data.augment.brightness=0.4"
   [adamw_shading]="$adamw data.augment.shading=0.8"
   [adamw_margin_0.3]="$adamw loss.pair_margin=0.3"
   [adamw_bn_frozen]="$adamw model.bn=frozen"
   [aps_geometry]="$adamw $photometric data.augment.crop_scale_min=0.8 data.augment.rotation=10"
   [aps_strong]="$adamw data.augment.gamma=0.6 data.augment.contrast=0.5 data.augment.brightness=0.5 data.augment.shading=1.0"
   [aps_warmup]="$adamw $photometric optim.warmup_steps=30"
-  [adamw_retinex]="$adamw model.input_norm=retinex"
-  [adamw_backbone_lr]="$adamw optim.backbone_lr_scale=0.1"
-  [adamw_dim128]="$adamw model.embedding_dim=128"
+  # second round on dev (2 seeds for the leaders), every one with flip TTA
+  [adamw_flip]="$adamw eval.flip=true"
+  [flip_ms]="$adamw eval.flip=true loss.pair=multi_similarity"
+  [flip_semihard]="$adamw eval.flip=true loss.miner=semihard loss.pair_margin=0.2"
+  [flip_p16]="$adamw eval.flip=true data.classes_per_batch=16 train.max_steps=150"
+  [flip_lr3e-4]="$adamw eval.flip=true optim.lr=3e-4"
+  [flip_cosface]="$adamw eval.flip=true $cosface"
+  [flip_triplet_cosface]="$adamw eval.flip=true $cosface loss.pair=triplet"
+  [flip_arcface]="$adamw eval.flip=true loss.pair=none loss.head=arcface loss.scale=30 loss.margin=0.5"
+  [flip_cosface_head_lr]="$adamw eval.flip=true $cosface loss.head_lr_scale=10"
+  [flip_cosface_aug_triplet]="$adamw eval.flip=true $cosface $photometric loss.pair=triplet"
+  [flip_arcface_aug]="$adamw eval.flip=true loss.pair=none loss.head=arcface loss.scale=30 loss.margin=0.5 $photometric"
+  [flip_cosface_aug_strong]="$adamw eval.flip=true $cosface data.augment.gamma=0.6 data.augment.contrast=0.5 data.augment.brightness=0.5 data.augment.shading=1.0"
+  [flip_cosface_aug_head_lr]="$adamw eval.flip=true $cosface $photometric loss.head_lr_scale=10"
 )
-order="seed_radam_sf seed_adamw_cosine plus_photometric recipe"
-dev_order="first_guess first_guess_photometric first_guess_cosface first_guess_adacos adamw_shading adamw_margin_0.3
-  adamw_bn_frozen aps_geometry aps_strong aps_warmup adamw_retinex adamw_backbone_lr adamw_dim128"
+order="seed_radam_sf seed_adamw_cosine plus_cosface recipe triplet_lighting"
+dev_order="first_guess first_guess_photometric first_guess_cosface first_guess_adacos plus_photometric adamw_shading
+  adamw_margin_0.3 adamw_bn_frozen aps_geometry aps_strong aps_warmup adamw_flip flip_ms flip_semihard flip_p16
+  flip_lr3e-4 flip_cosface flip_triplet_cosface flip_arcface flip_cosface_head_lr flip_cosface_aug_triplet
+  flip_arcface_aug flip_cosface_aug_strong flip_cosface_aug_head_lr"
 
 declare -A about=(
   [seed_radam_sf]="the seeds' recipe: triplet (margin 0.1, cosine) + RAdamScheduleFree lr 1e-3, mirror augmentation only"
   [seed_adamw_cosine]="the same with AdamW + cosine lr 1e-3"
-  [plus_photometric]="+ gamma 0.5, contrast 0.4, brightness 0.4 (device-side)"
-  [recipe]="+ shading 0.8 (the lighting augmentation whole), + flip TTA: configs/faces_finetune.yaml"
+  [plus_cosface]="+ a CosFace head (s 30, m 0.35) over the training identities in place of the triplet loss"
+  [recipe]="+ lighting augmentation (gamma 0.5, contrast 0.4, brightness 0.4, shading 0.8), + flip TTA: configs/faces_finetune.yaml"
+  [triplet_lighting]="the previous recipe: AdamW + triplet + the same lighting augmentation + flip TTA"
   [first_guess]="AdamW + warmup 30 + backbone lr x 0.1 + retinex input normalisation (the first guess)"
   [first_guess_photometric]="first guess + gamma / contrast / brightness"
   [first_guess_cosface]="first guess + CosFace head (s 30, m 0.35) with the triplet loss"
   [first_guess_adacos]="first guess + AdaCos head with the triplet loss"
+  [plus_photometric]="AdamW + gamma 0.5, contrast 0.4, brightness 0.4"
   [adamw_shading]="AdamW + shading 0.8 alone"
   [adamw_margin_0.3]="AdamW, triplet margin 0.3"
   [adamw_bn_frozen]="AdamW, BatchNorm frozen at ImageNet statistics"
-  [aps_geometry]="recipe's augmentation + crop 0.8 + rotation 10"
-  [aps_strong]="recipe's augmentation, stronger (gamma 0.6, contrast / brightness 0.5, shading 1.0)"
-  [aps_warmup]="recipe's augmentation + warmup 30 steps"
-  [adamw_retinex]="AdamW + retinex input normalisation alone"
-  [adamw_backbone_lr]="AdamW + backbone lr x 0.1 alone"
-  [adamw_dim128]="AdamW, 128-d embeddings"
+  [aps_geometry]="AdamW + lighting augmentation + crop 0.8 + rotation 10"
+  [aps_strong]="AdamW + lighting augmentation, stronger (gamma 0.6, contrast / brightness 0.5, shading 1.0)"
+  [aps_warmup]="AdamW + lighting augmentation + warmup 30 steps"
+  [adamw_flip]="AdamW + cosine, triplet, flip TTA (seed 0: seed_adamw_cosine's weights)"
+  [flip_ms]="AdamW + flip TTA, multi-similarity loss in place of the triplet loss"
+  [flip_semihard]="AdamW + flip TTA, triplet with semihard mining, margin 0.2"
+  [flip_p16]="AdamW + flip TTA, 16 identities x 4 images x 150 steps"
+  [flip_lr3e-4]="AdamW + flip TTA, lr 3e-4"
+  [flip_cosface]="AdamW + flip TTA, CosFace head alone (= recipe without lighting augmentation)"
+  [flip_triplet_cosface]="AdamW + flip TTA, CosFace head + triplet loss"
+  [flip_arcface]="AdamW + flip TTA, ArcFace head alone (s 30, m 0.5)"
+  [flip_cosface_head_lr]="AdamW + flip TTA, CosFace head at lr x 10"
+  [flip_cosface_aug_triplet]="the recipe + the triplet loss next to the head"
+  [flip_arcface_aug]="the recipe with ArcFace (s 30, m 0.5) in place of CosFace"
+  [flip_cosface_aug_strong]="the recipe with stronger lighting augmentation (gamma 0.6, contrast / brightness 0.5, shading 1.0)"
+  [flip_cosface_aug_head_lr]="the recipe with the head at lr x 10"
 )
 
 ids() { for i in "$@"; do printf 's%02d ' "$i"; done; }

@@ -238,6 +238,28 @@ def test_fp16_with_loss_scaling_tracks_fp32_and_skips_overflows_without_counting
     assert state["scaler"]["scale"] == 2.0 ** (24 - len(skipped))  # halved once per skipped step
 
 
+# --- the fine-tuning recipe (configs/faces_finetune.yaml): its own loss, augmentation and flip TTA, a tiny network
+
+def test_faces_finetune_recipe_trains_and_its_checkpoint_embeds_with_flip(shards, tmp_path):
+    import numpy as np
+    from facedist.inference_cli import embed_main
+
+    out = tmp_path / "run"
+    train(["--config", str(REPO / "configs" / "faces_finetune.yaml"), f"data.shards={shards}", "model.backbone=resnet10t",
+           "model.embedding_dim=16", "model.image_size=32", "model.channels_last=false", "data.num_workers=0",
+           "train.max_steps=6", "train.log_every=1", "eval.every=0", f"output_dir={out}"])
+    losses = [r["loss"] for r in metrics(out) if "loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(v) and v > 0 for v in losses)
+    assert any((out / "checkpoints").glob("step_*/head"))  # the margin head's rows are checkpointed
+    vectors = {}
+    for name, args in (("default", []), ("flip", ["--flip"]), ("plain", ["--no-flip"])):
+        embed_main(["--checkpoint", str(out), "--folder", str(shards.parent / "faces"), "--out", str(tmp_path / f"{name}.npz"),
+                    "--num-workers", "0", "--cpu", *args])
+        vectors[name] = np.load(tmp_path / f"{name}.npz")["embeddings"]
+    assert np.array_equal(vectors["default"], vectors["flip"])  # the recipe's eval.flip, recorded in the checkpoint
+    assert not np.allclose(vectors["default"], vectors["plain"])
+
+
 # --- the InsightFace recipe (configs/ms1mv3_r50.yaml) on CPU: a 1/8-width IResNet-18, synthetic faces, a .bin
 
 RECIPE = str(REPO / "configs" / "ms1mv3_r50.yaml")
