@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
     print("|---|---|---|" + "---|" * len(METRICS) + "---|")
     for name, what in pairs:
         for split in splits:
-            for file, label, about in (("test_noflip.json", f"{name}, no flip TTA", f"the recipe's weights embedded without flip TTA (= {name} minus eval.flip)"),
+            for file, label, about in (("test_noflip.json", f"{name}, no flip TTA", f"{name}'s weights embedded without flip TTA (= {name} minus eval.flip)"),
                                        ("test.json", name, what)):
                 found = reports(out, split, name, file)
                 if found:
