@@ -126,7 +126,7 @@ for split in ${SPLITS:-A B}; do
         || { echo "run $run failed: see $run.log"; exit 1; }
       nice -n "$nice" "$bin/facedist-embed" --checkpoint "$run" --folder "$data/$split.test" --out "$run/test.npz" --cpu >> "$run.log" 2>&1
       nice -n "$nice" "$bin/python" -m facedist.evaluation.protocol "$run/test.npz" --out "$run/test.json"
-      if [[ $name == recipe ]]; then  # the flip test-time augmentation's own effect: the same runs without it
+      if [[ $name == recipe || $name == triplet_lighting ]]; then  # flip TTA's own effect: the same weights without it
         nice -n "$nice" "$bin/facedist-embed" --checkpoint "$run" --folder "$data/$split.test" --out "$run/test_noflip.npz" \
           --cpu --no-flip >> "$run.log" 2>&1
         nice -n "$nice" "$bin/python" -m facedist.evaluation.protocol "$run/test_noflip.npz" --out "$run/test_noflip.json"
