@@ -25,6 +25,7 @@ baseline="model.input_norm=none model.bn=batch optim.backbone_lr_scale=1.0 optim
 adamw="$baseline optim.name=adamw_cosine optim.lr=1e-3 optim.weight_decay=0"
 photometric="data.augment.gamma=0.5 data.augment.contrast=0.4 data.augment.brightness=0.4 data.augment.shading=0.8"
 cosface="loss.pair=none loss.head=cosface loss.scale=30 loss.margin=0.35"
+arcface="loss.pair=none loss.head=arcface loss.scale=30 loss.margin=0.5"
 first_guess="$adamw optim.warmup_steps=30 optim.backbone_lr_scale=0.1 model.input_norm=retinex"  # the recipe before dev
 declare -A runs=(
   [seed_radam_sf]="$baseline optim.name=radam_schedulefree optim.lr=1e-3 optim.weight_decay=0"
@@ -54,10 +55,10 @@ declare -A runs=(
   [flip_lr3e-4]="$adamw eval.flip=true optim.lr=3e-4"
   [flip_cosface]="$adamw eval.flip=true $cosface"
   [flip_triplet_cosface]="$adamw eval.flip=true $cosface loss.pair=triplet"
-  [flip_arcface]="$adamw eval.flip=true loss.pair=none loss.head=arcface loss.scale=30 loss.margin=0.5"
+  [flip_arcface]="$adamw eval.flip=true $arcface"
   [flip_cosface_head_lr]="$adamw eval.flip=true $cosface loss.head_lr_scale=10"
   [flip_cosface_aug_triplet]="$adamw eval.flip=true $cosface $photometric loss.pair=triplet"
-  [flip_arcface_aug]="$adamw eval.flip=true loss.pair=none loss.head=arcface loss.scale=30 loss.margin=0.5 $photometric"
+  [flip_arcface_aug]="$adamw eval.flip=true $arcface $photometric"
   [flip_cosface_aug_strong]="$adamw eval.flip=true $cosface data.augment.gamma=0.6 data.augment.contrast=0.5 data.augment.brightness=0.5 data.augment.shading=1.0"
   [flip_cosface_aug_head_lr]="$adamw eval.flip=true $cosface $photometric loss.head_lr_scale=10"
 )
