@@ -196,6 +196,8 @@ def dependencies(cfg, num_classes: int, data_fingerprint: str) -> dict[str, Any]
         "loss.adarand": cfg.loss.adarand,
         "optim.name": cfg.optim.name,
         "training data": data_fingerprint,
+        # the average resumes from the checkpoint's evaluation weights; recorded only when on (older checkpoints)
+        **({"optim.ema_decay": cfg.optim.ema_decay} if cfg.optim.ema_decay > 0 else {}),
     }
 
 

@@ -103,6 +103,7 @@ class OptimConfig:
     schedule: Literal["polynomial", "cosine"] = "polynomial"  # sgd, after the linear warmup
     power: float = 2.0  # sgd's polynomial decay: lr x (1 - progress) ** power, arcface_torch's PolynomialLRWarmup
     grad_clip: float = 0.0  # global L2 norm; 0 disables
+    ema_decay: float = 0.0  # evaluate and export a moving average of the weights (decay warmed up, optim.py); 0 disables
 
 
 @dataclass
@@ -279,6 +280,11 @@ def _validate(cfg: Config) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if not 0.0 <= cfg.optim.ema_decay < 1.0:
+        raise ConfigError(f"optim.ema_decay: must be in [0, 1) (0 disables), got {cfg.optim.ema_decay}")
+    if cfg.optim.ema_decay > 0 and cfg.optim.name in ("radam_schedulefree", "adamw_schedulefree", "sgd_schedulefree"):
+        raise ConfigError(f"optim.ema_decay: {cfg.optim.name} already evaluates an average of its weights; set 0 "
+                          "or use adamw_cosine or sgd")
     if not 0.0 < cfg.optim.backbone_lr_scale <= 1.0:
         raise ConfigError(f"optim.backbone_lr_scale: must be in (0, 1], got {cfg.optim.backbone_lr_scale}")
     if not 0.0 < cfg.loss.sample_rate <= 1.0:

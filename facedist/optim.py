@@ -4,7 +4,8 @@ ScheduleFree keeps two points: y, where gradients are taken (the model's weights
 x, the average that should be evaluated and exported. `evaluation_state_dict` computes x from y and the
 optimizer's z without touching the live model, so evaluation and checkpoints never disturb training;
 `recalibrate_batchnorm` then refreshes BatchNorm statistics at x (statistics gathered at y do not fit x),
-averaged across ranks so every rank evaluates the same model.
+averaged across ranks so every rank evaluates the same model. The other optimizers can evaluate a moving
+average of their weights instead (`optim.ema_decay`, `build_weight_average`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import schedulefree
 import torch
 from torch import nn
 
+import facedist  # noqa: F401  (torchvision compat before timm)
 from facedist import distributed
+from timm.utils import ModelEmaV3
 from facedist.config import OptimConfig
 
 SCHEDULE_FREE = {
@@ -107,12 +110,23 @@ def current_lr(optimizer) -> float:
 
 
 @torch.no_grad()
-def evaluation_state_dict(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
-    """The weights to evaluate and export: ScheduleFree's x = lerp(y, z, 1 - 1/beta1), else the weights.
+def build_weight_average(model: nn.Module, decay: float) -> ModelEmaV3 | None:
+    """A moving average of the weights and BatchNorm statistics (optim.ema_decay; None when 0), updated after
+    each optimizer step with `.update(model, step)`: timm's, whose update is foreach lerps with a Python-float
+    decay (torch's AveragedModel reads its step counter on the host twice a step). The decay warms up,
+    1 - (1 + step) ** (-2/3) capped at `decay`, so a short run's first steps (a random neck) fade out."""
+    return ModelEmaV3(model, decay=decay, use_warmup=True) if decay > 0 else None
+
+
+def evaluation_state_dict(model: nn.Module, optimizer, average: ModelEmaV3 | None = None) -> dict[str, torch.Tensor]:
+    """The weights to evaluate and export: the moving average when there is one; ScheduleFree's
+    x = lerp(y, z, 1 - 1/beta1); else the weights.
 
     The same formula as the optimizer's own eval(), computed out of place so training state is untouched.
     """
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in (average.module if average is not None else model).state_dict().items()}
+    if average is not None:
+        return state
     base = _base(optimizer)
     if not is_schedule_free(base):
         return state

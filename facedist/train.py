@@ -39,7 +39,7 @@ from facedist.evaluation.bins import TrainingBinEval
 from facedist.evaluation.validation import evaluate_validation, validation_index, wait_group
 from facedist.losses import Objective
 from facedist.model import build_model, preprocessing
-from facedist.optim import (build_optimizer, clip_grads_, current_lr, evaluation_state_dict, grad_norm_squared,
+from facedist.optim import (build_optimizer, build_weight_average, clip_grads_, current_lr, evaluation_state_dict, grad_norm_squared,
                             is_schedule_free, model_param_groups, recalibrate_batchnorm)
 from facedist.preemption import StopRequest, process_group_kwargs, requeue_if_slurm
 from facedist.throughput import StepTimer
@@ -177,6 +177,9 @@ def main(argv=None) -> int:
         with torch.no_grad(), accelerator.autocast():
             adarand.init_from_features((model(images.to(device)).float(), labels) for images, labels, _ in loader)
         model.train()
+    average = build_weight_average(model, cfg.optim.ema_decay)  # optim.ema_decay: evaluated and exported
+    if average is not None and resume_from is not None:
+        average.module.load_state_dict(load_file(str(resume_from / checkpoint.EMBEDDING_FILE)))
     if zero.is_deepspeed(accelerator):
         zero.configure(accelerator, cfg, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -199,8 +202,9 @@ def main(argv=None) -> int:
     def evaluation_model() -> torch.nn.Module:
         """A copy at the evaluation weights, BN statistics recalibrated there (ScheduleFree); training untouched."""
         eval_model = copy.deepcopy(raw_model)
-        eval_model.load_state_dict(zero.evaluation_state_dict(raw_model, optimizer) if zero.is_deepspeed(accelerator)
-                                   else evaluation_state_dict(raw_model, optimizer))
+        eval_model.load_state_dict(zero.evaluation_state_dict(raw_model, optimizer)
+                                   if zero.is_deepspeed(accelerator) and average is None
+                                   else evaluation_state_dict(raw_model, optimizer, average))
         if is_schedule_free(optimizer) and cfg.model.bn != "frozen" and cfg.eval.bn_recal_batches > 0:
             recal = make_train_loader(train_index, dataclasses.replace(cfg.data, num_workers=0), prep, world, rank,
                                       cfg.train.seed + 1, start_step=0)
@@ -292,6 +296,8 @@ def main(argv=None) -> int:
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None:
                 scheduler.step()
+            if average is not None:  # foreach lerps on the device, no host read
+                average.update(raw_model, step + 1)
         step += 1
         progress.update(1)
 

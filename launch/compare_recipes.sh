@@ -61,6 +61,12 @@ declare -A runs=(
   [flip_arcface_aug]="$adamw eval.flip=true $arcface $photometric"
   [flip_cosface_aug_strong]="$adamw eval.flip=true $cosface data.augment.gamma=0.6 data.augment.contrast=0.5 data.augment.brightness=0.5 data.augment.shading=1.0"
   [flip_cosface_aug_head_lr]="$adamw eval.flip=true $cosface $photometric loss.head_lr_scale=10"
+  # third round on dev, each on top of the recipe (2 seeds)
+  [recipe_backbone_lr]="optim.backbone_lr_scale=0.3"
+  [recipe_p16_m2]="data.classes_per_batch=16 data.images_per_class=2"
+  [recipe_dim128]="model.embedding_dim=128"
+  [recipe_retinex]="model.input_norm=retinex"
+  [recipe_ema]="optim.ema_decay=0.999"
 )
 order="seed_radam_sf seed_adamw_cosine plus_cosface recipe triplet_lighting"
 dev_order="first_guess first_guess_photometric first_guess_cosface first_guess_adacos plus_photometric adamw_shading

@@ -34,6 +34,7 @@ def test_round_trip_through_dict():
     ("model.bn=group", "model.bn"),
     ("loss.sample_rate=1.5", "loss.sample_rate"),
     ("optim.backbone_lr_scale=0", "optim.backbone_lr_scale: must be in (0, 1]"),
+    ("optim.ema_decay=1", "optim.ema_decay: must be in [0, 1)"),
     ("model.input_norm=clahe", "model.input_norm: 'clahe' is not one of none, retinex"),
     ("optim.lr", "key=value"),
 ])
@@ -130,6 +131,7 @@ def test_unset_margin_is_the_heads_paper_value_and_shown_in_to_dict(head, margin
 
 @pytest.mark.parametrize("overrides, fragment", [
     (["optim.warmup_steps=100"], "optim.warmup_steps=100: radam_schedulefree has no warm-up"),
+    (["optim.ema_decay=0.99"], "optim.ema_decay: radam_schedulefree already evaluates an average"),
     (["data.augment.rotation=-5"], "data.augment.rotation: must be >= 0"),
     (["eval.projector_points=-1"], "eval.projector_points: must be >= 0"),
     (["eval.timeout_s=0"], "eval.timeout_s: must be > 0"),

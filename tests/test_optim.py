@@ -6,8 +6,8 @@ from torch import nn
 
 from dist_utils import run_distributed
 from facedist.config import OptimConfig
-from facedist.optim import (build_optimizer, clip_grad_norm_, evaluation_state_dict, is_schedule_free,
-                            model_param_groups, recalibrate_batchnorm, warmup_cosine)
+from facedist.optim import (build_optimizer, build_weight_average, clip_grad_norm_, evaluation_state_dict,
+                            is_schedule_free, model_param_groups, recalibrate_batchnorm, warmup_cosine)
 
 
 def _net():
@@ -48,6 +48,29 @@ def test_adamw_cosine_evaluates_its_weights_and_schedules_lr():
     factor = warmup_cosine(2, 10)
     assert [factor(s) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
     assert factor(6) == pytest.approx(0.5) and factor(10) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("decay", [0.5, 0.999])  # 0.5: capped from the third update; 0.999: warm-up throughout
+def test_weight_average_is_a_float64_moving_average_with_warmed_up_decay(decay):
+    net = _net()
+    optimizer, _ = build_optimizer(net.parameters(), OptimConfig(name="adamw_cosine", lr=0.05, weight_decay=0.0), 10)
+    average = build_weight_average(net, decay)
+    reference = {k: v.double().clone() for k, v in net.state_dict().items()}
+    for step in range(1, 7):
+        _train(net, optimizer, steps=1)
+        average.update(net, step)
+        weight = 0.0 if step == 1 else min(decay, 1 - step ** (-2 / 3))  # timm's warm-up: 1 - (1 + (step - 1)) ** -2/3
+        for key, value in net.state_dict().items():
+            reference[key] = (reference[key] * weight + value.double() * (1 - weight) if value.is_floating_point()
+                              else value.double())
+    before = copy.deepcopy(net.state_dict())
+    evaluated = evaluation_state_dict(net, optimizer, average)
+    assert any(not torch.equal(evaluated[k], before[k]) for k in before)  # the average, not the weights
+    for key, value in net.state_dict().items():  # training weights untouched
+        assert torch.equal(value, before[key])
+    for key in reference:
+        torch.testing.assert_close(evaluated[key].double(), reference[key], rtol=1e-6, atol=1e-7)
+    assert build_weight_average(net, 0.0) is None
 
 
 def test_recalibrated_statistics_are_the_mean_over_batches():

@@ -66,10 +66,11 @@ def final_weights(out):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("optim", ["adamw_cosine", "radam_schedulefree"])
+@pytest.mark.parametrize("optim", [["optim.name=adamw_cosine", "optim.ema_decay=0.9"], ["optim.name=radam_schedulefree"]],
+                         ids=["adamw_cosine_ema", "radam_schedulefree"])
 def test_two_processes_equal_one_with_the_same_global_batch(shards, tmp_path, optim):
     common = [*TINY, f"data.shards={shards}", "model.bn=frozen", "data.images_per_class=3", "train.max_steps=4",
-              f"optim.name={optim}", "loss.miner=semihard", "loss.pair_margin=0.3",
+              *optim, "loss.miner=semihard", "loss.pair_margin=0.3",
               # Adam-type steps normalise tiny gradients, so summation-order noise can move a weight by up
               # to ~lr: a small lr keeps that below atol while real errors (e.g. a x W gradient) are not
               "optim.lr=1e-4"]
@@ -109,6 +110,23 @@ def test_resume_mid_epoch_is_step_exact(shards, tmp_path):
     assert [r["step"] for r in b] == [r["step"] for r in a]  # no duplicated steps from the first run
     assert any("val_auc" in r for r in a if r["step"] > 5)
     assert a == b
+    for x, y in zip(final_weights(straight), final_weights(resumed)):
+        for key in x:
+            assert torch.equal(x[key], y[key]), key
+
+
+def test_the_weight_average_is_exported_and_resumes_exactly(shards, tmp_path):
+    """optim.ema_decay: the checkpoint's embedding weights are the average, and a resumed run continues it."""
+    common = [*TINY, f"data.shards={shards}", "optim.name=adamw_cosine", "optim.ema_decay=0.9", "data.classes_per_batch=4",
+              "data.images_per_class=2", "train.max_steps=6", "checkpoint.every=3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train([*common, f"output_dir={straight}"])
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")
+    out = train([*common, f"output_dir={resumed}", "--resume", "auto"])
+    assert "at step 3" in out.stdout + out.stderr
+    trained, exported = final_weights(straight)
+    assert any(not torch.equal(exported[k], trained[k]) for k in trained)
     for x, y in zip(final_weights(straight), final_weights(resumed)):
         for key in x:
             assert torch.equal(x[key], y[key]), key
@@ -322,7 +340,8 @@ def test_init_from_a_backbone_file_and_a_bad_one(recipe_run, tmp_path):
 
 # --- what a GPU would wait on, per training step (tests/count_syncs.py counts it)
 MAX_SYNCS, MAX_COLLECTIVES = 4, 8
-COUNTED_RUNS = {"head_and_triplet": ["loss.head=arcface"], "triplet": [], "head": ["loss.pair=none", "loss.head=arcface"]}
+COUNTED_RUNS = {"head_and_triplet": ["loss.head=arcface"], "triplet": [],
+                "head_ema": ["loss.pair=none", "loss.head=arcface", "optim.name=adamw_cosine", "optim.ema_decay=0.9"]}
 
 
 @pytest.mark.distributed
