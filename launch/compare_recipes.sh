@@ -61,10 +61,9 @@ declare -A runs=(
   [flip_arcface_aug]="$adamw eval.flip=true $arcface $photometric"
   [flip_cosface_aug_strong]="$adamw eval.flip=true $cosface data.augment.gamma=0.6 data.augment.contrast=0.5 data.augment.brightness=0.5 data.augment.shading=1.0"
   [flip_cosface_aug_head_lr]="$adamw eval.flip=true $cosface $photometric loss.head_lr_scale=10"
-  # third round on dev, each on top of the recipe (2 seeds)
+  # third round on dev, each on top of the recipe (seed 0 first)
   [recipe_backbone_lr]="optim.backbone_lr_scale=0.3"
   [recipe_p16_m2]="data.classes_per_batch=16 data.images_per_class=2"
-  [recipe_dim128]="model.embedding_dim=128"
   [recipe_retinex]="model.input_norm=retinex"
   [recipe_ema]="optim.ema_decay=0.999"
 )
@@ -72,7 +71,7 @@ order="seed_radam_sf seed_adamw_cosine plus_cosface recipe triplet_lighting"
 dev_order="first_guess first_guess_photometric first_guess_cosface first_guess_adacos plus_photometric adamw_shading
   adamw_margin_0.3 adamw_bn_frozen aps_geometry aps_strong aps_warmup adamw_flip flip_ms flip_semihard flip_p16
   flip_lr3e-4 flip_cosface flip_triplet_cosface flip_arcface flip_cosface_head_lr flip_cosface_aug_triplet
-  flip_arcface_aug flip_cosface_aug_strong flip_cosface_aug_head_lr"
+  flip_arcface_aug flip_cosface_aug_strong flip_cosface_aug_head_lr recipe_ema recipe_backbone_lr recipe_retinex recipe_p16_m2"
 
 declare -A about=(
   [seed_radam_sf]="the seeds' recipe: triplet (margin 0.1, cosine) + RAdamScheduleFree lr 1e-3, mirror augmentation only"
@@ -104,6 +103,10 @@ declare -A about=(
   [flip_arcface_aug]="the recipe with ArcFace (s 30, m 0.5) in place of CosFace"
   [flip_cosface_aug_strong]="the recipe with stronger lighting augmentation (gamma 0.6, contrast / brightness 0.5, shading 1.0)"
   [flip_cosface_aug_head_lr]="the recipe with the head at lr x 10"
+  [recipe_ema]="the recipe, evaluating a moving average of the weights (optim.ema_decay=0.999, warmed up)"
+  [recipe_backbone_lr]="the recipe with the pretrained backbone at lr x 0.3"
+  [recipe_retinex]="the recipe with retinex input normalisation"
+  [recipe_p16_m2]="the recipe with 16 identities x 2 images a batch (same budget)"
 )
 
 ids() { for i in "$@"; do printf 's%02d ' "$i"; done; }
