@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 import facedist  # noqa: F401  (torchvision compat before timm)
-from facedist import distributed
 from timm.utils import ModelEmaV3
+
+from facedist import distributed
 from facedist.config import OptimConfig
 
 SCHEDULE_FREE = {
@@ -109,7 +110,6 @@ def current_lr(optimizer) -> float:
     return float(group["scheduled_lr"] if "scheduled_lr" in group else group["lr"])  # ScheduleFree: warmed-up lr
 
 
-@torch.no_grad()
 def build_weight_average(model: nn.Module, decay: float) -> ModelEmaV3 | None:
     """A moving average of the weights and BatchNorm statistics (optim.ema_decay; None when 0), updated after
     each optimizer step with `.update(model, step)`: timm's, whose update is foreach lerps with a Python-float
@@ -118,6 +118,7 @@ def build_weight_average(model: nn.Module, decay: float) -> ModelEmaV3 | None:
     return ModelEmaV3(model, decay=decay, use_warmup=True) if decay > 0 else None
 
 
+@torch.no_grad()
 def evaluation_state_dict(model: nn.Module, optimizer, average: ModelEmaV3 | None = None) -> dict[str, torch.Tensor]:
     """The weights to evaluate and export: the moving average when there is one; ScheduleFree's
     x = lerp(y, z, 1 - 1/beta1); else the weights.
