@@ -64,6 +64,7 @@ class ModelConfig:
     image_size: int = 112
     bn: Literal["batch", "sync", "frozen"] = "batch"
     input_norm: Literal["none", "retinex"] = "none"  # lighting normalisation inside the model (model.py)
+    neck: Literal["pool", "gdc"] = "pool"  # how the feature map becomes a vector: average, or learned per position
     channels_last: bool = False
     compile: bool = False
 

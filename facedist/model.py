@@ -1,5 +1,6 @@
 """The embedding model: an optional lighting normalisation of the input, a timm backbone without classifier,
-then a linear + BatchNorm neck to D dims.
+then a neck to D dims: global average pooling (or MobileFaceNet's global depthwise convolution) -> linear ->
+BatchNorm.
 
 Backbones that end in the embedding themselves (InsightFace's IResNets and MobileFaceNet, facedist/backbones.py)
 get no neck, and their InsightFace weights load strictly by name.
@@ -58,12 +59,24 @@ class RetinexNormalisation(nn.Module):
         return (3 * torch.tanh(detail / contrast / 3)).expand(-1, images.shape[1], -1, -1)
 
 
-class EmbeddingModel(nn.Module):
-    """[input normalisation ->] backbone features -> Linear -> BatchNorm1d: the insightface-style neck,
-    unnormalised output. A backbone with `gives_embedding` already ends in FC + BatchNorm1d to
-    `embedding_dim`: no neck."""
+def global_depthwise_conv(map_shape: tuple[int, int, int]) -> nn.Sequential:
+    """MobileFaceNet's GDC: one learned weight per channel and position over the whole final map, so the
+    embedding can weight the eyes more than the cheeks (average pooling weights all alike). Starts as average
+    pooling, so fine-tuning starts from the pretrained features' pooled vector."""
+    channels, height, width = map_shape
+    conv = nn.Conv2d(channels, channels, (height, width), groups=channels, bias=False)
+    nn.init.constant_(conv.weight, 1 / (height * width))
+    return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.Flatten())
 
-    def __init__(self, backbone: nn.Module, embedding_dim: int, input_norm: nn.Module | None = None):
+
+class EmbeddingModel(nn.Module):
+    """[input normalisation ->] backbone features [-> GDC] -> Linear -> BatchNorm1d: the insightface-style
+    neck, unnormalised output. `map_shape` (channels, height, width of the backbone's unpooled output)
+    selects the GDC neck; the backbone then gives that map. A backbone with `gives_embedding` already ends
+    in FC + BatchNorm1d to `embedding_dim`: no neck."""
+
+    def __init__(self, backbone: nn.Module, embedding_dim: int, input_norm: nn.Module | None = None,
+                 map_shape: tuple[int, int, int] | None = None):
         super().__init__()
         self.input_norm = input_norm or nn.Identity()
         self.backbone = backbone
@@ -74,8 +87,10 @@ class EmbeddingModel(nn.Module):
                 raise ValueError(f"model.embedding_dim={embedding_dim}: the backbone gives {features}-d embeddings")
             self.neck = nn.Identity()
         else:
+            pooling = [] if map_shape is None else list(global_depthwise_conv(map_shape))
             self.neck = nn.Sequential(
-                nn.Linear(features, embedding_dim, bias=False),
+                *pooling,
+                nn.Linear(features if map_shape is None else map_shape[0], embedding_dim, bias=False),
                 nn.BatchNorm1d(embedding_dim),
             )
         self.freeze_bn = False
@@ -179,15 +194,29 @@ def _load_strict(backbone: nn.Module, state: dict, target: dict, path: Path) -> 
     backbone.load_state_dict(state, strict=True)
 
 
+def _final_map_shape(backbone: nn.Module, image_size: int) -> tuple[int, int, int]:
+    """The unpooled output's channels, height and width at this image size, from one forward pass (any
+    timm model)."""
+    was_training = backbone.training
+    with torch.no_grad():
+        out = backbone.eval()(torch.zeros(1, 3, image_size, image_size))
+    backbone.train(was_training)
+    if out.dim() != 4:
+        raise ValueError(f"model.neck=gdc: {type(backbone).__name__} gives no 2-d feature map ({tuple(out.shape)})")
+    return tuple(out.shape[1:])
+
+
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> EmbeddingModel:
     """Backbone from timm (no download: weights only from `cfg.pretrained`) + neck, BN mode applied."""
     face = cfg.backbone in FACE_BACKBONES
     if face and cfg.image_size != 112:
         raise ValueError(f"model.image_size={cfg.image_size}: {cfg.backbone} takes 112 x 112 faces (its embedding FC "
                          "sits over the 7 x 7 map); set model.image_size=112")
+    if face and cfg.neck != "pool":
+        raise ValueError(f"model.neck={cfg.neck}: {cfg.backbone} ends in its own embedding layer; set model.neck=pool")
+    options = {"embedding_dim": cfg.embedding_dim} if face else {"global_pool": ""} if cfg.neck == "gdc" else {}
     try:
-        backbone = timm.create_model(cfg.backbone, pretrained=False, num_classes=0,
-                                     **({"embedding_dim": cfg.embedding_dim} if face else {}))
+        backbone = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **options)
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise ValueError(f"model.backbone: {err}") from err
     if cfg.pretrained:
@@ -196,7 +225,8 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> Embeddi
     if cfg.input_norm == "retinex":
         prep = _preprocessing(backbone, cfg.image_size)
         input_norm = RetinexNormalisation(prep["mean"], prep["std"], cfg.image_size)
-    model = EmbeddingModel(backbone, cfg.embedding_dim, input_norm)
+    map_shape = _final_map_shape(backbone, cfg.image_size) if cfg.neck == "gdc" else None
+    model = EmbeddingModel(backbone, cfg.embedding_dim, input_norm, map_shape)
     if cfg.bn == "sync":
         if torch.device(device).type != "cuda":
             raise ValueError("model.bn=sync needs GPUs (SyncBatchNorm has no CPU kernel); use batch or frozen")

@@ -1,4 +1,4 @@
-"""The embedding model: local weights files (by name, by order, classifier ignored, bad files), BN modes."""
+"""The embedding model: local weights files (by name, by order, classifier ignored, bad files), BN modes, necks."""
 
 import logging
 from pathlib import Path
@@ -133,3 +133,23 @@ def test_input_norm_adds_no_weights():
     plain = build_model(ModelConfig(backbone="resnet10t", embedding_dim=8))
     retinex = build_model(ModelConfig(backbone="resnet10t", embedding_dim=8, input_norm="retinex"))
     assert plain.state_dict().keys() == retinex.state_dict().keys()  # checkpoints load either way
+
+
+def test_gdc_neck_starts_as_average_pooling_and_learns_a_weight_per_position():
+    pool = build_model(ModelConfig(backbone="resnet10t", embedding_dim=8, image_size=64))
+    gdc = build_model(ModelConfig(backbone="resnet10t", embedding_dim=8, image_size=64, neck="gdc"))
+    gdc.backbone.load_state_dict(pool.backbone.state_dict())
+    for after_pooling, same in zip(gdc.neck[3:], pool.neck):  # the same Linear + BatchNorm1d after the pooling
+        after_pooling.load_state_dict(same.state_dict())
+    assert gdc.neck[0].weight.shape == (512, 1, 2, 2)  # resnet10t's 512 x 2 x 2 map at 64 px
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    pool.eval(), gdc.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gdc(images), pool(images), rtol=1e-4, atol=1e-4)  # BN2d at init ~ identity
+        gdc.neck[0].weight[:, :, 0, 0] += 1.0  # one position weighted more
+        assert not torch.allclose(gdc(images), pool(images), rtol=1e-2, atol=1e-2)
+
+
+def test_gdc_neck_on_a_face_backbone_is_refused():
+    with pytest.raises(ValueError, match="model.neck=gdc: iresnet18 ends in its own embedding layer"):
+        build_model(ModelConfig(backbone="iresnet18", neck="gdc"))
