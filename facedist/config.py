@@ -65,6 +65,7 @@ class ModelConfig:
     bn: Literal["batch", "sync", "frozen"] = "batch"
     input_norm: Literal["none", "retinex"] = "none"  # lighting normalisation inside the model (model.py)
     neck: Literal["pool", "gdc"] = "pool"  # how the feature map becomes a vector: average, or learned per position
+    input_scale: float = 1.0  # the backbone sees the image this many times larger (bilinear, inside the model)
     channels_last: bool = False
     compile: bool = False
 
@@ -286,6 +287,9 @@ def _validate(cfg: Config) -> None:
     if cfg.optim.ema_decay > 0 and cfg.optim.name in ("radam_schedulefree", "adamw_schedulefree", "sgd_schedulefree"):
         raise ConfigError(f"optim.ema_decay: {cfg.optim.name} already evaluates an average of its weights; set 0 "
                           "or use adamw_cosine or sgd")
+    if not 1.0 <= cfg.model.input_scale <= 4.0:
+        raise ConfigError(f"model.input_scale: must be in [1, 4] (to shrink images, lower model.image_size), "
+                          f"got {cfg.model.input_scale}")
     if not 0.0 < cfg.optim.backbone_lr_scale <= 1.0:
         raise ConfigError(f"optim.backbone_lr_scale: must be in (0, 1], got {cfg.optim.backbone_lr_scale}")
     if not 0.0 < cfg.loss.sample_rate <= 1.0:

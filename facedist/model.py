@@ -1,5 +1,5 @@
-"""The embedding model: an optional lighting normalisation of the input, a timm backbone without classifier,
-then a neck to D dims: global average pooling (or MobileFaceNet's global depthwise convolution) -> linear ->
+"""The embedding model: an optional lighting normalisation and upscaling of the input, a timm backbone without
+classifier, then a neck to D dims: global average pooling (or MobileFaceNet's global depthwise convolution) -> linear ->
 BatchNorm.
 
 Backbones that end in the embedding themselves (InsightFace's IResNets and MobileFaceNet, facedist/backbones.py)
@@ -59,6 +59,10 @@ class RetinexNormalisation(nn.Module):
         return (3 * torch.tanh(detail / contrast / 3)).expand(-1, images.shape[1], -1, -1)
 
 
+def upscaling(scale: float) -> nn.Module:
+    return nn.Identity() if scale == 1 else nn.Upsample(scale_factor=scale, mode="bilinear", align_corners=False)
+
+
 def global_depthwise_conv(map_shape: tuple[int, int, int]) -> nn.Sequential:
     """MobileFaceNet's GDC: one learned weight per channel and position over the whole final map, so the
     embedding can weight the eyes more than the cheeks (average pooling weights all alike). Starts as average
@@ -70,15 +74,17 @@ def global_depthwise_conv(map_shape: tuple[int, int, int]) -> nn.Sequential:
 
 
 class EmbeddingModel(nn.Module):
-    """[input normalisation ->] backbone features [-> GDC] -> Linear -> BatchNorm1d: the insightface-style
-    neck, unnormalised output. `map_shape` (channels, height, width of the backbone's unpooled output)
+    """[input normalisation ->] [upscaling ->] backbone features [-> GDC] -> Linear -> BatchNorm1d: the
+    insightface-style neck, unnormalised output. `input_scale` > 1 enlarges the image (bilinear) before the
+    backbone: ImageNet features are tuned to objects larger than a 112-px face's eyes. `map_shape` (channels, height, width of the backbone's unpooled output)
     selects the GDC neck; the backbone then gives that map. A backbone with `gives_embedding` already ends
     in FC + BatchNorm1d to `embedding_dim`: no neck."""
 
     def __init__(self, backbone: nn.Module, embedding_dim: int, input_norm: nn.Module | None = None,
-                 map_shape: tuple[int, int, int] | None = None):
+                 map_shape: tuple[int, int, int] | None = None, input_scale: float = 1.0):
         super().__init__()
         self.input_norm = input_norm or nn.Identity()
+        self.input_resize = upscaling(input_scale)
         self.backbone = backbone
         # timm models with a pre-logits layer (e.g. MobileNetV3) output head_hidden_size, not num_features
         features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
@@ -96,7 +102,7 @@ class EmbeddingModel(nn.Module):
         self.freeze_bn = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.neck(self.backbone(self.input_norm(images)))
+        return self.neck(self.backbone(self.input_resize(self.input_norm(images))))
 
     def train(self, mode: bool = True) -> "EmbeddingModel":
         super().train(mode)
@@ -194,12 +200,12 @@ def _load_strict(backbone: nn.Module, state: dict, target: dict, path: Path) -> 
     backbone.load_state_dict(state, strict=True)
 
 
-def _final_map_shape(backbone: nn.Module, image_size: int) -> tuple[int, int, int]:
-    """The unpooled output's channels, height and width at this image size, from one forward pass (any
-    timm model)."""
+def _final_map_shape(backbone: nn.Module, image_size: int, input_scale: float) -> tuple[int, int, int]:
+    """The unpooled output's channels, height and width at this input, from one forward pass (any timm
+    model)."""
     was_training = backbone.training
     with torch.no_grad():
-        out = backbone.eval()(torch.zeros(1, 3, image_size, image_size))
+        out = backbone.eval()(upscaling(input_scale)(torch.zeros(1, 3, image_size, image_size)))
     backbone.train(was_training)
     if out.dim() != 4:
         raise ValueError(f"model.neck=gdc: {type(backbone).__name__} gives no 2-d feature map ({tuple(out.shape)})")
@@ -214,6 +220,9 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> Embeddi
                          "sits over the 7 x 7 map); set model.image_size=112")
     if face and cfg.neck != "pool":
         raise ValueError(f"model.neck={cfg.neck}: {cfg.backbone} ends in its own embedding layer; set model.neck=pool")
+    if face and cfg.input_scale != 1:
+        raise ValueError(f"model.input_scale={cfg.input_scale}: {cfg.backbone} takes 112 x 112 faces as they are; "
+                         "set model.input_scale=1")
     options = {"embedding_dim": cfg.embedding_dim} if face else {"global_pool": ""} if cfg.neck == "gdc" else {}
     try:
         backbone = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **options)
@@ -225,8 +234,8 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> Embeddi
     if cfg.input_norm == "retinex":
         prep = _preprocessing(backbone, cfg.image_size)
         input_norm = RetinexNormalisation(prep["mean"], prep["std"], cfg.image_size)
-    map_shape = _final_map_shape(backbone, cfg.image_size) if cfg.neck == "gdc" else None
-    model = EmbeddingModel(backbone, cfg.embedding_dim, input_norm, map_shape)
+    map_shape = _final_map_shape(backbone, cfg.image_size, cfg.input_scale) if cfg.neck == "gdc" else None
+    model = EmbeddingModel(backbone, cfg.embedding_dim, input_norm, map_shape, cfg.input_scale)
     if cfg.bn == "sync":
         if torch.device(device).type != "cuda":
             raise ValueError("model.bn=sync needs GPUs (SyncBatchNorm has no CPU kernel); use batch or frozen")

@@ -71,13 +71,14 @@ declare -A runs=(
   [recipe_p4_m8]="data.classes_per_batch=4 data.images_per_class=8"
   [recipe_lr2e-3]="optim.lr=2e-3"
   [recipe_p2_m16]="data.classes_per_batch=2 data.images_per_class=16"
+  [recipe_scale1.5]="model.input_scale=1.5"
 )
 order="seed_radam_sf seed_adamw_cosine plus_cosface recipe triplet_lighting"
 dev_order="first_guess first_guess_photometric first_guess_cosface first_guess_adacos plus_photometric adamw_shading
   adamw_margin_0.3 adamw_bn_frozen aps_geometry aps_strong aps_warmup adamw_flip flip_ms flip_semihard flip_p16
   flip_lr3e-4 flip_cosface flip_triplet_cosface flip_arcface flip_cosface_head_lr flip_cosface_aug_triplet
   flip_arcface_aug flip_cosface_aug_strong flip_cosface_aug_head_lr recipe_ema recipe_backbone_lr recipe_retinex recipe_p16_m2
-  recipe_gdc recipe_p4_m8 recipe_p2_m16 recipe_lr2e-3"
+  recipe_gdc recipe_p4_m8 recipe_p2_m16 recipe_lr2e-3 recipe_scale1.5"
 
 declare -A about=(
   [seed_radam_sf]="the seeds' recipe: triplet (margin 0.1, cosine) + RAdamScheduleFree lr 1e-3, mirror augmentation only"
@@ -117,6 +118,7 @@ declare -A about=(
   [recipe_p4_m8]="the recipe with 4 identities x 8 images a batch (same budget)"
   [recipe_lr2e-3]="the recipe at lr 2e-3"
   [recipe_p2_m16]="the recipe with 2 identities x 16 images a batch (same budget)"
+  [recipe_scale1.5]="the recipe with the image enlarged 1.5x inside the model (the backbone sees 168 px)"
 )
 
 ids() { for i in "$@"; do printf 's%02d ' "$i"; done; }
