@@ -196,8 +196,10 @@ def dependencies(cfg, num_classes: int, data_fingerprint: str) -> dict[str, Any]
         "loss.adarand": cfg.loss.adarand,
         "optim.name": cfg.optim.name,
         "training data": data_fingerprint,
-        # the average resumes from the checkpoint's evaluation weights; recorded only when on (older checkpoints)
+        # recorded only when not the default, so older checkpoints still resume: the average resumes from the
+        # checkpoint's evaluation weights; the GDC neck has its own tensors
         **({"optim.ema_decay": cfg.optim.ema_decay} if cfg.optim.ema_decay > 0 else {}),
+        **({"model.neck": cfg.model.neck} if cfg.model.neck != "pool" else {}),
     }
 
 

@@ -12,7 +12,7 @@ import torch
 from facedist.config import Config, ModelConfig
 from facedist.model import build_model, preprocessing
 from facedist.checkpoint import (CheckpointError, load_embedding_model, save_embedding_model, CheckpointWriter, check_compatible, latest_checkpoint,
-                                 list_checkpoints, load_torch, resolve_checkpoint, save_torch)
+                                 dependencies, list_checkpoints, load_torch, resolve_checkpoint, save_torch)
 
 
 def _writer(tmp_path, keep=2):
@@ -76,6 +76,14 @@ def test_incompatible_resume_is_refused_unless_forced(tmp_path):
         check_compatible(final, {"model.backbone": "c"}, force=False)
     assert check_compatible(final, {"model.backbone": "c"}, force=True)["step"] == 2
     assert check_compatible(final, {"model.backbone": "b"}, force=False)["step"] == 2
+
+
+def test_options_off_by_default_are_resume_dependencies_only_when_on():
+    """Older checkpoints (no such key in meta.json) still resume into a default config."""
+    cfg = Config()
+    assert not {"model.neck", "optim.ema_decay"} & dependencies(cfg, 10, "data").keys()
+    cfg.model.neck, cfg.optim.ema_decay = "gdc", 0.999
+    assert {"model.neck": "gdc", "optim.ema_decay": 0.999}.items() <= dependencies(cfg, 10, "data").items()
 
 
 def test_missing_checkpoint_errors(tmp_path):

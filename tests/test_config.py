@@ -37,6 +37,7 @@ def test_round_trip_through_dict():
     ("optim.ema_decay=1", "optim.ema_decay: must be in [0, 1)"),
     ("model.input_norm=clahe", "model.input_norm: 'clahe' is not one of none, retinex"),
     ("model.neck=flatten", "model.neck: 'flatten' is not one of pool, gdc"),
+    ("model.input_scale=0.5", "model.input_scale: must be in [1, 4]"),
     ("optim.lr", "key=value"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(override, fragment):

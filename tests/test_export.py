@@ -62,10 +62,11 @@ def test_export_of_wrong_checkpoint_is_one_line(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("model_keys", [{"input_norm": "retinex"}, {"neck": "gdc"}], ids=["retinex", "gdc"])
+@pytest.mark.parametrize("model_keys", [{"input_norm": "retinex"}, {"neck": "gdc", "input_scale": 1.5}],
+                         ids=["retinex", "gdc_scaled"])
 def test_model_options_travel_with_the_checkpoint_and_the_onnx_export(tmp_path, model_keys):
-    """model.input_norm and model.neck are part of the model: reloading (facedist-embed/-eval/-compare) and
-    ONNX apply them."""
+    """model.input_norm, neck and input_scale are part of the model: reloading (facedist-embed/-eval/-compare)
+    and ONNX apply them."""
     model, _, file = save_tiny_model(tmp_path / "checkpoint", **model_keys)
     export_main(["--checkpoint", str(file.parent), "--onnx", str(tmp_path / "model.onnx")])
     images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -76,7 +77,7 @@ def test_model_options_travel_with_the_checkpoint_and_the_onnx_export(tmp_path, 
         if "input_norm" in model_keys:
             assert not torch.allclose(model.neck(model.backbone(images)), expected, atol=1e-3)  # it does act
         else:
-            assert isinstance(reloaded.neck[0], torch.nn.Conv2d)
+            assert isinstance(reloaded.neck[0], torch.nn.Conv2d) and reloaded.neck[0].kernel_size == (3, 3)  # 96 px
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     (got,) = session.run(["embeddings"], {"images": images.numpy()})
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=1e-4)

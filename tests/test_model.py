@@ -150,6 +150,20 @@ def test_gdc_neck_starts_as_average_pooling_and_learns_a_weight_per_position():
         assert not torch.allclose(gdc(images), pool(images), rtol=1e-2, atol=1e-2)
 
 
-def test_gdc_neck_on_a_face_backbone_is_refused():
-    with pytest.raises(ValueError, match="model.neck=gdc: iresnet18 ends in its own embedding layer"):
-        build_model(ModelConfig(backbone="iresnet18", neck="gdc"))
+def test_input_scale_shows_the_backbone_the_enlarged_image():
+    plain = build_model(ModelConfig(backbone="resnet10t", embedding_dim=8, image_size=64))
+    scaled = build_model(ModelConfig(backbone="resnet10t", embedding_dim=8, image_size=64, input_scale=2.0))
+    scaled.load_state_dict(plain.state_dict())  # no weights of its own
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plain.eval(), scaled.eval()
+    with torch.no_grad():
+        enlarged = torch.nn.functional.interpolate(images, size=(128, 128), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(scaled(images), plain(enlarged))
+        assert not torch.allclose(scaled(images), plain(images), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("key, message", [("neck", "model.neck=gdc: iresnet18 ends in its own embedding layer"),
+                                          ("input_scale", "model.input_scale=1.5: iresnet18 takes 112 x 112 faces")])
+def test_neck_and_input_scale_on_a_face_backbone_are_refused(key, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(ModelConfig(backbone="iresnet18", **{key: {"neck": "gdc", "input_scale": 1.5}[key]}))

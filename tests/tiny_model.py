@@ -16,12 +16,12 @@ TINY_BACKBONE = "mobilenetv3_small_050"
 
 def save_tiny_model(output_dir: Path, image_size: int = 64, embedding_dim: int = 32, seed: int = 0,
                     input_norm: str = "none", backbone: str = TINY_BACKBONE, flip: bool = False,
-                    neck: str = "pool"):
+                    neck: str = "pool", input_scale: float = 1.0):
     """A training output_dir with one checkpoint (step 7) holding only model.safetensors (random weights,
     non-trivial BN statistics); returns (model in eval mode, preprocessing, the model.safetensors file)."""
     torch.manual_seed(seed)
     cfg = Config(model=ModelConfig(backbone=backbone, embedding_dim=embedding_dim, image_size=image_size,
-                                   input_norm=input_norm, neck=neck))
+                                   input_norm=input_norm, neck=neck, input_scale=input_scale))
     model = build_model(cfg.model)
     with torch.no_grad():  # a few train-mode passes give BN running statistics other than 0/1
         for _ in range(2):
