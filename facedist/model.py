@@ -1,6 +1,6 @@
 """The embedding model: an optional lighting normalisation and upscaling of the input, a timm backbone without
-classifier, then a neck to D dims: global average pooling (or MobileFaceNet's global depthwise convolution) -> linear ->
-BatchNorm.
+classifier, then a neck to D dims: global average pooling (or MobileFaceNet's global depthwise convolution),
+linear, BatchNorm.
 
 Backbones that end in the embedding themselves (InsightFace's IResNets and MobileFaceNet, facedist/backbones.py)
 get no neck, and their InsightFace weights load strictly by name.
@@ -76,8 +76,9 @@ def global_depthwise_conv(map_shape: tuple[int, int, int]) -> nn.Sequential:
 class EmbeddingModel(nn.Module):
     """[input normalisation ->] [upscaling ->] backbone features [-> GDC] -> Linear -> BatchNorm1d: the
     insightface-style neck, unnormalised output. `input_scale` > 1 enlarges the image (bilinear) before the
-    backbone: ImageNet features are tuned to objects larger than a 112-px face's eyes. `map_shape` (channels, height, width of the backbone's unpooled output)
-    selects the GDC neck; the backbone then gives that map. A backbone with `gives_embedding` already ends
+    backbone (ImageNet features were learned on objects larger than a 112-px face's eyes). `map_shape`
+    (channels, height, width of the backbone's unpooled output) selects the GDC neck; the backbone then
+    gives that map. A backbone with `gives_embedding` already ends
     in FC + BatchNorm1d to `embedding_dim`: no neck."""
 
     def __init__(self, backbone: nn.Module, embedding_dim: int, input_norm: nn.Module | None = None,
