@@ -174,7 +174,7 @@ def embed_dataset(model: torch.nn.Module, dataset: ImageDataset, batch_size: int
             vectors.append(embed_batch(model, images[ok].to(device, non_blocking=True), flip, normalize))
             indices.append(idx[ok].to(device))
     # a rank with nothing to embed still sends a [0, D] block to the gather
-    local_vectors = torch.cat(vectors) if vectors else torch.zeros(0, model.neck[0].out_features, device=device)
+    local_vectors = torch.cat(vectors) if vectors else torch.zeros(0, model.embedding_dim, device=device)
     local_indices = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long, device=device)
     all_vectors = distributed.gather_rows(local_vectors).cpu().numpy().astype(np.float32)
     all_indices = distributed.gather_rows(local_indices).cpu().numpy().astype(np.int64)

@@ -86,6 +86,7 @@ class EmbeddingModel(nn.Module):
         super().__init__()
         self.input_norm = input_norm or nn.Identity()
         self.input_resize = upscaling(input_scale)
+        self.embedding_dim = embedding_dim
         self.backbone = backbone
         # timm models with a pre-logits layer (e.g. MobileNetV3) output head_hidden_size, not num_features
         features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
