@@ -72,13 +72,27 @@ declare -A runs=(
   [recipe_lr2e-3]="$previous optim.lr=2e-3"
   [recipe_p2_m16]="data.classes_per_batch=2 data.images_per_class=16"
   [recipe_scale1.5]="$previous model.input_scale=1.5"
+  # fifth round on dev, each on top of the recipe (4 x 8)
+  [recipe_emb128]="model.embedding_dim=128"
+  [recipe_margin0.5]="loss.margin=0.5"
+  [recipe_wd0.05]="optim.weight_decay=0.05"
+  [recipe_4x8_lr2e-3]="optim.lr=2e-3"
+  [recipe_triplet]="loss.pair=triplet"
+  [recipe_4x8_ema]="optim.ema_decay=0.999"
+  [recipe_wd0.1]="optim.weight_decay=0.1"
+  [recipe_wd0.05_lr2e-3]="optim.weight_decay=0.05 optim.lr=2e-3"
+  [recipe_s16]="loss.scale=16"
+  [recipe_s64]="loss.scale=64"
+  [recipe_geometry]="data.augment.crop_scale_min=0.8 data.augment.translate=0.05 data.augment.rotation=10"
 )
 order="seed_radam_sf seed_adamw_cosine plus_cosface previous_recipe recipe triplet_lighting"
 dev_order="first_guess first_guess_photometric first_guess_cosface first_guess_adacos plus_photometric adamw_shading
   adamw_margin_0.3 adamw_bn_frozen aps_geometry aps_strong aps_warmup adamw_flip flip_ms flip_semihard flip_p16
   flip_lr3e-4 flip_cosface flip_triplet_cosface flip_arcface flip_cosface_head_lr flip_cosface_aug_triplet
   flip_arcface_aug flip_cosface_aug_strong flip_cosface_aug_head_lr recipe_ema recipe_backbone_lr recipe_retinex recipe_p16_m2
-  recipe_gdc recipe_p2_m16 recipe_lr2e-3 recipe_scale1.5"
+  recipe_gdc recipe_p2_m16 recipe_lr2e-3 recipe_scale1.5 recipe_emb128 recipe_margin0.5 recipe_wd0.05 recipe_4x8_lr2e-3
+  recipe_triplet recipe_4x8_ema recipe_wd0.1 recipe_wd0.05_lr2e-3
+  recipe_s16 recipe_s64 recipe_geometry"
 
 declare -A about=(
   [seed_radam_sf]="the seeds' recipe: triplet (margin 0.1, cosine) + RAdamScheduleFree lr 1e-3, mirror augmentation only"
@@ -119,6 +133,17 @@ declare -A about=(
   [recipe_lr2e-3]="previous_recipe at lr 2e-3"
   [recipe_p2_m16]="previous_recipe with 2 identities x 16 images a batch (same budget)"
   [recipe_scale1.5]="previous_recipe with the image enlarged 1.5x inside the model (the backbone sees 168 px)"
+  [recipe_emb128]="the recipe with 128-d embeddings"
+  [recipe_margin0.5]="the recipe with CosFace margin 0.5"
+  [recipe_wd0.05]="the recipe with AdamW weight decay 0.05"
+  [recipe_4x8_lr2e-3]="the recipe at lr 2e-3"
+  [recipe_triplet]="the recipe + the triplet loss next to the head"
+  [recipe_4x8_ema]="the recipe, evaluating a moving average of the weights (optim.ema_decay=0.999)"
+  [recipe_wd0.1]="the recipe with AdamW weight decay 0.1"
+  [recipe_wd0.05_lr2e-3]="the recipe with AdamW weight decay 0.05 at lr 2e-3"
+  [recipe_s16]="the recipe with CosFace scale 16"
+  [recipe_s64]="the recipe with CosFace scale 64"
+  [recipe_geometry]="the recipe + crop 0.8, shift 0.05, rotation 10"
 )
 
 ids() { for i in "$@"; do printf 's%02d ' "$i"; done; }
