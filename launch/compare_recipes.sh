@@ -84,6 +84,11 @@ declare -A runs=(
   [recipe_s16]="loss.scale=16"
   [recipe_s64]="loss.scale=64"
   [recipe_geometry]="data.augment.crop_scale_min=0.8 data.augment.translate=0.05 data.augment.rotation=10"
+  # sixth round on dev, on top of the recipe: the same 9,600 images in more or fewer steps, the shading term out
+  [recipe_4x4_600]="data.images_per_class=4 train.max_steps=600"
+  [recipe_4x16_150]="data.images_per_class=16 train.max_steps=150"
+  [recipe_noshading]="data.augment.shading=0"
+  [recipe_adarand]="loss.adarand=true loss.adarand_lambda=1.0"
 )
 order="seed_radam_sf seed_adamw_cosine plus_cosface previous_recipe recipe triplet_lighting"
 dev_order="first_guess first_guess_photometric first_guess_cosface first_guess_adacos plus_photometric adamw_shading
@@ -92,7 +97,7 @@ dev_order="first_guess first_guess_photometric first_guess_cosface first_guess_a
   flip_arcface_aug flip_cosface_aug_strong flip_cosface_aug_head_lr recipe_ema recipe_backbone_lr recipe_retinex recipe_p16_m2
   recipe_gdc recipe_p2_m16 recipe_lr2e-3 recipe_scale1.5 recipe_emb128 recipe_margin0.5 recipe_wd0.05 recipe_4x8_lr2e-3
   recipe_triplet recipe_4x8_ema recipe_wd0.1 recipe_wd0.05_lr2e-3
-  recipe_s16 recipe_s64 recipe_geometry"
+  recipe_s16 recipe_s64 recipe_geometry recipe_4x4_600 recipe_4x16_150 recipe_noshading recipe_adarand"
 
 declare -A about=(
   [seed_radam_sf]="the seeds' recipe: triplet (margin 0.1, cosine) + RAdamScheduleFree lr 1e-3, mirror augmentation only"
@@ -144,6 +149,10 @@ declare -A about=(
   [recipe_s16]="the recipe with CosFace scale 16"
   [recipe_s64]="the recipe with CosFace scale 64"
   [recipe_geometry]="the recipe + crop 0.8, shift 0.05, rotation 10"
+  [recipe_4x4_600]="the recipe with 4 identities x 4 images x 600 steps (same budget)"
+  [recipe_4x16_150]="the recipe with 4 identities x 16 images x 150 steps (same budget)"
+  [recipe_noshading]="the recipe without the shading term (gamma, contrast, brightness kept)"
+  [recipe_adarand]="the recipe + AdaRand (lambda 1): features pulled toward class Gaussians of the pretrained features"
 )
 
 ids() { for i in "$@"; do printf 's%02d ' "$i"; done; }
