@@ -113,9 +113,10 @@ class PairLoss(nn.Module):
 class Objective(nn.Module):
     """pair_weight * pair loss + head_weight * margin-head loss (+ AdaRand), both over the global batch.
 
-    The local embeddings are normalised and gathered once (fixed size: every rank holds P x M rows) for
-    the pair loss and the head; the gather's backward hands each rank W x its rows' gradient, which DDP's
-    averaging divides back. Returns (loss to backward, the global values to log: device tensors).
+    The local embeddings are gathered once (fixed size: every rank holds P x M rows) for the pair loss,
+    the head (both on the gathered rows normalised) and AdaRand (on them as they are, detached); the
+    gather's backward hands each rank W x its rows' gradient, which DDP's averaging divides back.
+    Returns (loss to backward, the global values to log: device tensors).
     """
 
     def __init__(self, cfg: LossConfig, head: nn.Module | None = None, adarand: nn.Module | None = None):
@@ -126,9 +127,8 @@ class Objective(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         total, logged = embeddings.new_zeros((), dtype=torch.float32), {}
-        if self.pair is not None or self.head is not None:
-            x, y, own = distributed.gather_step_batch(F.normalize(embeddings.float(), dim=1), labels.long(),
-                                                      float(distributed.world_size()))
+        rows, y, own = distributed.gather_step_batch(embeddings.float(), labels.long(), float(distributed.world_size()))
+        x = F.normalize(rows, dim=1)
         if self.pair is not None:
             loss, value = self.pair(x, y, own)
             total = total + self.pair_weight * loss
@@ -138,7 +138,7 @@ class Objective(nn.Module):
             total = total + self.head_weight * loss
             logged["head_loss"] = value
         if self.adarand is not None:
-            loss, value = self.adarand(embeddings, labels, step)
+            loss, value = self.adarand.global_loss(embeddings, rows.detach(), y, own, step)
             total = total + loss
             logged["adarand_loss"] = value
         logged["loss"] = sum(w * logged[k] for k, w in (("pair_loss", self.pair_weight),

@@ -343,7 +343,8 @@ def test_init_from_a_backbone_file_and_a_bad_one(recipe_run, tmp_path):
 # --- what a GPU would wait on, per training step (tests/count_syncs.py counts it)
 MAX_SYNCS, MAX_COLLECTIVES = 4, 8
 COUNTED_RUNS = {"head_and_triplet": ["loss.head=arcface"], "triplet": [],
-                "head_ema": ["loss.pair=none", "loss.head=arcface", "optim.name=adamw_cosine", "optim.ema_decay=0.9"]}
+                "head_ema": ["loss.pair=none", "loss.head=arcface", "optim.name=adamw_cosine", "optim.ema_decay=0.9"],
+                "head_adarand": ["loss.pair=none", "loss.head=cosface", "loss.adarand=true"]}  # + model.pretrained
 
 
 @pytest.mark.distributed
@@ -354,9 +355,13 @@ def test_a_training_step_has_a_constant_number_of_syncs_and_collectives(shards, 
     at most 4 device->host syncs and 8 collectives, whatever W (today's main: 6W + 7 syncs, 15 collectives)."""
     common = [*TINY, f"data.shards={shards}", "data.classes_per_batch=2", "data.images_per_class=2",
               "train.max_steps=5", "train.log_every=3"]
+    import timm
+
+    pretrained = tmp_path / "pretrained.pt"
+    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), pretrained)
     runs = []
     for name, args in COUNTED_RUNS.items():
-        runs += ["--", name, *args, f"output_dir={tmp_path / name}"]
+        runs += ["--", name, *args, f"output_dir={tmp_path / name}"] + (["model.pretrained=" + str(pretrained)] if "loss.adarand=true" in args else [])
     launcher = ([sys.executable] if world == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(_port())])
     proc = subprocess.run([*launcher, str(REPO / "tests" / "count_syncs.py"), str(tmp_path / "counts"), *common, *runs],

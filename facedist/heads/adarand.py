@@ -80,34 +80,38 @@ class AdaRand(RowShardedModule):
         self.std.copy_((squares / counts[:, None] - mean * mean).clamp_min(0).sqrt())
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        features = features.float()
-        x, y, own = gather_batch(features.detach(), labels.long(), 1.0)
+        """This rank's rows (any count per rank); the training step gathers once for every loss instead and
+        calls `global_loss`."""
+        x, y, own = gather_batch(features.detach().float(), labels.long(), 1.0)
+        return self.global_loss(features, x, y, own, step)
+
+    def global_loss(self, features: torch.Tensor, x: torch.Tensor, y: torch.Tensor, own: slice,
+                    step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, value): this rank's features (with gradient), the gathered global batch x [N, D] (detached)
+        with labels y [N], and this rank's slice of it. Masks select the rows of this rank's classes, so
+        nothing waits on the host; two all-reduces."""
+        x = x.float()
         count, dim = x.shape
-        start, stop = self.row_start, self.row_stop
-        rows = torch.nonzero((y >= start) & (y < stop)).squeeze(1)
-        local = y[rows] - start
+        owned = (y >= self.row_start) & (y < self.row_stop)
+        local = (y - self.row_start).clamp(0, self.means.shape[0] - 1)
 
         # random features of the global batch: drawn by the owners of the classes, summed to everyone
         noise = torch.randn(count, dim, device=x.device, generator=generator(x.device, self.seed, NOISE_PURPOSE, step))
-        drawn = self.means.detach()[local] + self.std[local] * noise[rows]
-        random_features = distributed.all_reduce(torch.zeros_like(x).index_put((rows,), drawn), "sum")[own]
-        squared_error = (features - random_features).pow(2).mean(1)
+        drawn = torch.where(owned[:, None], self.means.detach()[local] + self.std[local] * noise, 0.0)
+        random_features = distributed.all_reduce(drawn, "sum")[own]
+        squared_error = (features.float() - random_features).pow(2).mean(1)
         regulariser = self.lam * squared_error.sum() / count
-        value = self.lam * distributed.all_reduce(squared_error.detach().sum(), "sum") / count
 
-        return regulariser * self.world_size + self._prior_loss(x[rows], local), value
-
-    def _prior_loss(self, features: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        """Pull each batch class's mean toward its running feature mean; push all class means apart."""
-        rows = self.means.shape[0]
-        counts = torch.bincount(local, minlength=rows)
-        present = torch.nonzero(counts).squeeze(1)
-        batch_mean = torch.zeros_like(self.means).index_add_(0, local, features)[present] / counts[present, None]
-        means = self.means[present]
-        target = self.momentum * means.detach() + (1 - self.momentum) * batch_mean
-        num_present = distributed.all_reduce(torch.tensor(float(present.numel()), device=features.device), "sum")
-        intra = (1 - F.cosine_similarity(means, target, dim=1)).sum() / num_present.clamp_min(1)
-        total = SumOverRanks.apply(F.normalize(self.means, dim=1).sum(0))
+        # the prior: pull each batch class's mean toward its running feature mean; push all class means apart
+        counts = torch.zeros(self.means.shape[0], device=x.device).index_add_(0, local, owned.float())
+        sums = torch.zeros_like(self.means).index_add_(0, local, torch.where(owned[:, None], x, 0.0))
+        target = self.momentum * self.means.detach() + (1 - self.momentum) * sums / counts.clamp_min(1)[:, None]
+        distance = torch.where(counts > 0, 1 - F.cosine_similarity(self.means, target, dim=1), 0.0)
+        # one all-reduce for the unit means' sum (with its gradient), the batch class count and the logged error
+        summed = SumOverRanks.apply(torch.cat([F.normalize(self.means, dim=1).sum(0),
+                                               torch.stack([(counts > 0).sum().float(), squared_error.detach().sum()])]))
+        total, num_present, error_sum = summed[:dim], summed[dim], summed[dim + 1]
+        intra = distance.sum() / num_present.clamp_min(1)
         classes = self.num_rows
         inter = (total.pow(2).sum() - classes) / (classes * (classes - 1))
-        return intra + inter
+        return regulariser * self.world_size + intra + inter, self.lam * error_sum / count
