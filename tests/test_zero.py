@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO through `accelerate launch --config_file launch/deepspeed_zero{1,2}.yaml`, 2 CPU processes (gloo):
-the same losses, gradient norms, training weights y and ScheduleFree evaluation weights x as DDP with the same
-global batch; a resumed ZeRO run continues exactly; ZeRO and DDP checkpoints are not mixed up on resume. And
-directly (2 gloo processes, DeepSpeed without Accelerate): the evaluation weights gathered from the ZeRO-1/2
-partitions equal ScheduleFree's own eval() on one process.
+the same losses, gradient norms, training weights y and evaluation weights x (ScheduleFree's, or AdamW's moving
+average) as DDP with the same global batch; a resumed ZeRO run continues exactly; ZeRO and DDP checkpoints are
+not mixed up on resume. And directly (2 gloo processes, DeepSpeed without Accelerate): the evaluation weights
+gathered from the ZeRO-1/2 partitions equal ScheduleFree's own eval() on one process.
 
 Needs deepspeed and transformers (Accelerate reads the latter's metadata under DeepSpeed). Skipped without
 them, except with CI=true, where the tests fail instead so that CI cannot pass by skipping them. The first
@@ -127,6 +127,15 @@ def test_zero2_equals_ddp(ddp, zero2):
 def test_zero1_equals_ddp(ddp, shards, tmp_path):
     launch("deepspeed_zero1", [*COMMON, f"data.shards={shards}", f"output_dir={tmp_path}"])
     assert_same_run(ddp, tmp_path)
+
+
+def test_zero2_weight_average_equals_ddp(shards, tmp_path):
+    """AdamW + cosine with optim.ema_decay: the moving average (evaluated, exported as model.safetensors)
+    and the training weights under ZeRO-2 equal DDP's."""
+    average = ["optim.name=adamw_cosine", "optim.lr=1e-3", "optim.ema_decay=0.9"]
+    launch("cpu_2proc", [*COMMON, *average, f"data.shards={shards}", f"output_dir={tmp_path / 'ddp'}"])
+    launch("deepspeed_zero2", [*COMMON, *average, f"data.shards={shards}", f"output_dir={tmp_path / 'zero2'}"])
+    assert_same_run(tmp_path / "ddp", tmp_path / "zero2")
 
 
 def test_zero2_resume_continues_exactly(zero2, shards, tmp_path):
