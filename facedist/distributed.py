@@ -44,6 +44,17 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(all_reduce(torch.tensor([float(flag)], device=device), "max").item())
 
 
+def broadcast_float_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Overwrite every rank's floating-point buffers (BatchNorm statistics) with rank `src`'s, in one broadcast."""
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not is_distributed() or not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1) for b in buffers])
+    dist.broadcast(flat, src)
+    for b, part in zip(buffers, flat.split([b.numel() for b in buffers])):
+        b.copy_(part.view_as(b))
+
+
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate (no grad) every rank's rows in rank order; row counts may differ between ranks."""
     if not is_distributed():

@@ -205,6 +205,9 @@ def main(argv=None) -> int:
         eval_model.load_state_dict(zero.evaluation_state_dict(raw_model, optimizer)
                                    if zero.is_deepspeed(accelerator) and average is None
                                    else evaluation_state_dict(raw_model, optimizer, average))
+        # each rank's BN statistics are its own batches' (DDP broadcasts rank 0's only before a forward, ZeRO
+        # never): every rank evaluates rank 0's, which the checkpoint holds
+        distributed.broadcast_float_buffers(eval_model)
         if is_schedule_free(optimizer) and cfg.model.bn != "frozen" and cfg.eval.bn_recal_batches > 0:
             recal = make_train_loader(train_index, dataclasses.replace(cfg.data, num_workers=0), prep, world, rank,
                                       cfg.train.seed + 1, start_step=0)
