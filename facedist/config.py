@@ -63,7 +63,7 @@ class ModelConfig:
     embedding_dim: int = 512
     image_size: int = 112
     bn: Literal["batch", "sync", "frozen"] = "batch"
-    input_norm: Literal["none", "retinex"] = "none"  # lighting normalisation inside the model (model.py)
+    input_norm: Literal["none", "retinex", "equalize"] = "none"  # lighting normalisation inside the model (model.py)
     neck: Literal["pool", "gdc"] = "pool"  # how the feature map becomes a vector: average, or learned per position
     input_scale: float = 1.0  # the backbone sees the image this many times larger (bilinear, inside the model)
     channels_last: bool = False

@@ -59,6 +59,31 @@ class RetinexNormalisation(nn.Module):
         return (3 * torch.tanh(detail / contrast / 3)).expand(-1, images.shape[1], -1, -1)
 
 
+class HistogramEqualisation(nn.Module):
+    """Grey histogram equalisation of normalised RGB input, inside the model like `RetinexNormalisation`.
+
+    Each pixel becomes its mid-rank among the image's 256 grey levels (the fraction of pixels darker, plus half
+    those as bright), so any global monotonic change of intensity (gamma, contrast, brightness, short of
+    clipping) gives the same input: the backbone sees one uniform histogram whatever the exposure. The 256-bin
+    histogram is a scatter-add and a cumulative sum (exact integer counts in float32, exportable to ONNX); the
+    result is normalised as the backbone expects and copied to its 3 input channels. Buffers not persistent.
+    """
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        count, channels, height, width = images.shape
+        grey = (images.float() * self.std + self.mean).mean(1).view(count, -1)
+        levels = (grey * 255).round().clamp(0, 255).long()
+        histogram = torch.zeros(count, 256, device=images.device).scatter_add_(1, levels, torch.ones_like(grey))
+        below_and_half = histogram.cumsum(1) - histogram / 2
+        ranks = below_and_half.gather(1, levels).view(count, 1, height, width) / (height * width)
+        return ((ranks - self.mean) / self.std).to(images.dtype)
+
+
 def upscaling(scale: float) -> nn.Module:
     return nn.Identity() if scale == 1 else nn.Upsample(scale_factor=scale, mode="bilinear", align_corners=False)
 
@@ -233,9 +258,11 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> Embeddi
     if cfg.pretrained:
         load_backbone_weights(backbone, cfg.pretrained)
     input_norm = None
+    prep = _preprocessing(backbone, cfg.image_size)
     if cfg.input_norm == "retinex":
-        prep = _preprocessing(backbone, cfg.image_size)
         input_norm = RetinexNormalisation(prep["mean"], prep["std"], cfg.image_size)
+    elif cfg.input_norm == "equalize":
+        input_norm = HistogramEqualisation(prep["mean"], prep["std"])
     map_shape = _final_map_shape(backbone, cfg.image_size, cfg.input_scale) if cfg.neck == "gdc" else None
     model = EmbeddingModel(backbone, cfg.embedding_dim, input_norm, map_shape, cfg.input_scale)
     if cfg.bn == "sync":

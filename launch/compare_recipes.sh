@@ -9,8 +9,9 @@
 # Environment: ONLY (run names, default the table's: $order; the dev candidates by name), SPLITS (default "A B"), SEEDS (default "0 1 2"),
 # OUT (default runs/recipes), DATA (default shards/relit_orl), ORL (default ../shared/data/orl_faces),
 # NICE (default 15). Runs present in OUT are kept (delete a folder to redo it); the table covers all.
-# Identity splits of the 40 ORL people (s01..s40); "dev" chooses the recipe, A and B measure it:
-#   dev: train s09-s28, test s01-s08      A: train s01-s28, test s29-s40      B: train s01-s16 s29-s40, test s17-s28
+# Identity splits of the 40 ORL people (s01..s40); "dev" and "dev2" choose the recipe, A and B measure it:
+#   dev: train s09-s28, test s01-s08      dev2: train s01-s08 s17-s28, test s09-s16 (neither tests A's or B's)
+#   A: train s01-s28, test s29-s40        B: train s01-s16 s29-s40, test s17-s28
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.venv/bin; [[ -x $bin/python ]] || bin=$(dirname "$(command -v python3)")
@@ -156,7 +157,7 @@ declare -A about=(
 )
 
 ids() { for i in "$@"; do printf 's%02d ' "$i"; done; }
-declare -A test_ids=([dev]="$(ids $(seq 1 8))" [A]="$(ids $(seq 29 40))" [B]="$(ids $(seq 17 28))")
+declare -A test_ids=([dev]="$(ids $(seq 1 8))" [dev2]="$(ids $(seq 9 16))" [A]="$(ids $(seq 29 40))" [B]="$(ids $(seq 17 28))")
 
 [[ -d $data/faces ]] || nice -n "$nice" "$bin/python" launch/relight_orl.py "$orl" "$data/faces"
 for split in ${SPLITS:-A B}; do
@@ -165,7 +166,7 @@ for split in ${SPLITS:-A B}; do
     for person in "$data"/faces/s*; do
       name=$(basename "$person")
       if [[ " ${test_ids[$split]} " == *" $name "* ]]; then where=test; else where=train; fi
-      [[ $split == dev && $name > s28 ]] && continue  # dev trains on s09-s28 only
+      [[ $split == dev* && $name > s28 ]] && continue  # the dev splits never see A's test identities
       cp -r "$person" "$data/$split.$where/$name"  # copies: facedist-embed does not follow symlinked folders
     done
     nice -n "$nice" "$bin/facedist-shards" build "$data/$split.train" "$data/$split" --size 112 --format png --quiet

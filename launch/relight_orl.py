@@ -1,6 +1,8 @@
 """Relit ORL: each ORL face re-photographed, offline, under one point light from varying angles.
 
     python launch/relight_orl.py ../shared/data/orl_faces OUT [--variants 6] [--seed 0]
+    python launch/relight_orl.py ../shared/data/orl_faces OUT --azimuth 110 --elevation -35 70 --ambient 0 0.06
+                                                    # harsher, nearer a set taken under 64 point lights
 
 Deterministic: the light of image (identity, photo, variant) is drawn from a generator seeded by
 (seed, identity, photo, variant), so the same arguments write the same bytes. Per output image:
@@ -50,12 +52,13 @@ def cast_shadow(relief: np.ndarray, azimuth: float, elevation: float, steps: int
     return lit.astype(np.float64)
 
 
-def relight(grey: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One relit uint8 image from an ORL uint8 image, light and gamma drawn from `rng`."""
-    azimuth = np.radians(rng.uniform(-75, 75))
-    elevation = np.radians(rng.uniform(-25, 45))
+def relight(grey: np.ndarray, rng: np.random.Generator, max_azimuth: float = 75, elevations=(-25, 45),
+            ambients=(0.03, 0.15)) -> np.ndarray:
+    """One relit uint8 image from an ORL uint8 image, light and gamma drawn from `rng` (degrees)."""
+    azimuth = np.radians(rng.uniform(-max_azimuth, max_azimuth))
+    elevation = np.radians(rng.uniform(*elevations))
     gamma = rng.uniform(0.5, 2.0)
-    ambient = rng.uniform(0.03, 0.15)
+    ambient = rng.uniform(*ambients)
     relief = face_relief(*grey.shape)
     gy, gx = np.gradient(relief)
     normals = np.stack([-gx, -gy, np.ones_like(relief)])
@@ -73,6 +76,9 @@ def main(argv=None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--variants", type=int, default=6, help="lightings per ORL photo")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--azimuth", type=float, default=75, help="lights at azimuth U(-A, A) degrees")
+    parser.add_argument("--elevation", type=float, nargs=2, default=(-25, 45), help="elevation U(LOW, HIGH) degrees")
+    parser.add_argument("--ambient", type=float, nargs=2, default=(0.03, 0.15), help="ambient term U(LOW, HIGH)")
     args = parser.parse_args(argv)
     identities = sorted((p for p in args.orl.iterdir() if p.is_dir() and p.name.startswith("s")),
                         key=lambda p: int(p.name[1:]))
@@ -86,7 +92,8 @@ def main(argv=None) -> int:
             grey = np.asarray(Image.open(photo_path).convert("L"))
             for variant in range(args.variants):
                 rng = np.random.default_rng([args.seed, identity, photo, variant])
-                Image.fromarray(relight(grey, rng)).save(args.out / f"s{identity:02d}" / f"{photo:02d}_{variant}.png")
+                image = relight(grey, rng, args.azimuth, args.elevation, args.ambient)
+                Image.fromarray(image).save(args.out / f"s{identity:02d}" / f"{photo:02d}_{variant}.png")
     print(f"wrote {len(identities)} identities x {args.variants} lightings per photo to {args.out}")
     return 0
 

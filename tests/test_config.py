@@ -35,7 +35,7 @@ def test_round_trip_through_dict():
     ("loss.sample_rate=1.5", "loss.sample_rate"),
     ("optim.backbone_lr_scale=0", "optim.backbone_lr_scale: must be in (0, 1]"),
     ("optim.ema_decay=1", "optim.ema_decay: must be in [0, 1)"),
-    ("model.input_norm=clahe", "model.input_norm: 'clahe' is not one of none, retinex"),
+    ("model.input_norm=clahe", "model.input_norm: 'clahe' is not one of none, retinex, equalize"),
     ("model.neck=flatten", "model.neck: 'flatten' is not one of pool, gdc"),
     ("model.input_scale=0.5", "model.input_scale: must be in [1, 4]"),
     ("optim.lr", "key=value"),

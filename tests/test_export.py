@@ -62,8 +62,9 @@ def test_export_of_wrong_checkpoint_is_one_line(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("model_keys", [{"input_norm": "retinex"}, {"neck": "gdc", "input_scale": 1.5}],
-                         ids=["retinex", "gdc_scaled"])
+@pytest.mark.parametrize("model_keys", [{"input_norm": "retinex"}, {"input_norm": "equalize"},
+                                       {"neck": "gdc", "input_scale": 1.5}],
+                         ids=["retinex", "equalize", "gdc_scaled"])
 def test_model_options_travel_with_the_checkpoint_and_the_onnx_export(tmp_path, model_keys):
     """model.input_norm, neck and input_scale are part of the model: reloading (facedist-embed/-eval/-compare)
     and ONNX apply them."""

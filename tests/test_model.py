@@ -12,7 +12,7 @@ import facedist  # noqa: F401  (torchvision compat before timm)
 import timm
 
 from facedist.config import ModelConfig
-from facedist.model import RetinexNormalisation, build_model, load_backbone_weights
+from facedist.model import HistogramEqualisation, RetinexNormalisation, build_model, load_backbone_weights
 
 ORL = Path(__file__).resolve().parents[2] / "shared" / "data" / "orl_faces"
 
@@ -129,10 +129,32 @@ def test_retinex_normalisation_removes_smooth_shading_and_gamma():
     assert norm(relit).shape == relit.shape and torch.isfinite(norm(as_input(torch.zeros(1, 1, 64, 64)))).all()
 
 
+def test_histogram_equalisation_undoes_any_global_monotonic_change_of_intensity():
+    """Gamma, contrast and brightness (no clipping) leave the equalised image as it was: each pixel is its
+    mid-rank among the image's grey levels, the same before and after any increasing map."""
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    norm = HistogramEqualisation(mean, std)
+    levels = 10 + 6 * torch.arange(40)  # 40 distinct grey levels
+    grey = levels[torch.randint(0, 40, (2, 1, 32, 32), generator=torch.Generator().manual_seed(1))].float()
+    def as_input(values):  # uint8 grey levels -> normalised RGB, as the pipeline gives them
+        return (values.expand(-1, 3, -1, -1) / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    table = (255 * (torch.arange(256) / 255) ** 0.7 * 0.8 + 20).round()  # gamma, contrast, brightness: increasing
+    assert torch.unique(table[levels]).numel() == 40  # no two used levels merge
+    expected = norm(as_input(grey))
+    torch.testing.assert_close(norm(as_input(table[grey.long()])), expected, rtol=0, atol=1e-6)
+    ranks = expected * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    assert ranks.min() > 0 and ranks.max() < 1 and abs(ranks.mean() - 0.5) < 1e-3  # mid-ranks: mean one half
+    # the darkest level's pixels all map to half their own share, whatever their position
+    darkest = grey == grey.min()
+    share = darkest[0].float().mean()
+    torch.testing.assert_close(ranks[:1, :1][darkest[:1]], torch.full_like(ranks[:1, :1][darkest[:1]], share / 2))
+
+
 def test_input_norm_adds_no_weights():
     plain = build_model(ModelConfig(backbone="resnet10t", embedding_dim=8))
-    retinex = build_model(ModelConfig(backbone="resnet10t", embedding_dim=8, input_norm="retinex"))
-    assert plain.state_dict().keys() == retinex.state_dict().keys()  # checkpoints load either way
+    for input_norm in ("retinex", "equalize"):
+        normalised = build_model(ModelConfig(backbone="resnet10t", embedding_dim=8, input_norm=input_norm))
+        assert plain.state_dict().keys() == normalised.state_dict().keys()  # checkpoints load either way
 
 
 def test_gdc_neck_starts_as_average_pooling_and_learns_a_weight_per_position():

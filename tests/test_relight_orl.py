@@ -39,3 +39,19 @@ def test_relit_faces_are_deterministic_and_strongly_shaded(tmp_path):
         left, right = image[20:90, 10:40].mean(), image[20:90, 52:82].mean()
         sidedness.append(abs(left - right) / max(left, right, 1.0))
     assert np.mean(sidedness) > 0.2 and max(sidedness) > 0.5  # lit from the side: one half much darker
+
+
+def test_light_ranges_are_options(tmp_path):
+    """--azimuth / --elevation / --ambient set the ranges the lights are drawn from: a light straight ahead
+    lights both halves alike; lights from far behind the side (and no ambient) leave the faces darker."""
+    orl = _orl(tmp_path / "orl")
+    frontal = _relight(orl, tmp_path / "front", "--azimuth", "0", "--elevation", "0", "0")
+    harsh = _relight(orl, tmp_path / "harsh", "--azimuth", "110", "--elevation", "-35", "70", "--ambient", "0", "0")
+    def halves(root, name):
+        image = np.asarray(Image.open(root / name), dtype=np.float64)
+        return image[20:90, 10:40].mean(), image[20:90, 52:82].mean()
+    for name in frontal:
+        left, right = halves(tmp_path / "front", name)
+        assert abs(left - right) / max(left, right) < 0.1
+    mean = lambda root, names: np.mean([np.asarray(Image.open(root / n), dtype=np.float64).mean() for n in names])
+    assert mean(tmp_path / "harsh", harsh) < 0.8 * mean(tmp_path / "front", frontal)
