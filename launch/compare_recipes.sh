@@ -8,7 +8,9 @@
 #   bash launch/compare_recipes.sh [key=value ...]      extra overrides apply to every run
 # Environment: ONLY (run names, default the table's: $order; the dev candidates by name), SPLITS (default "A B"), SEEDS (default "0 1 2"),
 # OUT (default runs/recipes), DATA (default shards/relit_orl), ORL (default ../shared/data/orl_faces),
-# NICE (default 15). Runs present in OUT are kept (delete a folder to redo it); the table covers all.
+# NICE (default 15), RELIGHT (launch/relight_orl.py's light ranges for a new DATA, e.g. the harsher
+# "--azimuth 110 --elevation -35 70 --ambient 0 0.06" of the README's seventh round).
+# Runs present in OUT are kept (delete a folder to redo it); the table covers all.
 # Identity splits of the 40 ORL people (s01..s40); "dev" and "dev2" choose the recipe, A and B measure it:
 #   dev: train s09-s28, test s01-s08      dev2: train s01-s08 s17-s28, test s09-s16 (neither tests A's or B's)
 #   A: train s01-s28, test s29-s40        B: train s01-s16 s29-s40, test s17-s28
@@ -90,6 +92,10 @@ declare -A runs=(
   [recipe_4x16_150]="data.images_per_class=16 train.max_steps=150"
   [recipe_noshading]="data.augment.shading=0"
   [recipe_adarand]="loss.adarand=true loss.adarand_lambda=1.0"
+  # seventh round on dev and dev2, on top of the recipe: lighting normalisations inside the model, a smaller margin
+  [recipe_equalize]="model.input_norm=equalize"
+  [recipe_4x8_retinex]="model.input_norm=retinex"
+  [recipe_margin0.2]="loss.margin=0.2"
 )
 order="seed_radam_sf seed_adamw_cosine plus_cosface previous_recipe recipe triplet_lighting"
 dev_order="first_guess first_guess_photometric first_guess_cosface first_guess_adacos plus_photometric adamw_shading
@@ -98,7 +104,8 @@ dev_order="first_guess first_guess_photometric first_guess_cosface first_guess_a
   flip_arcface_aug flip_cosface_aug_strong flip_cosface_aug_head_lr recipe_ema recipe_backbone_lr recipe_retinex recipe_p16_m2
   recipe_gdc recipe_p2_m16 recipe_lr2e-3 recipe_scale1.5 recipe_emb128 recipe_margin0.5 recipe_wd0.05 recipe_4x8_lr2e-3
   recipe_triplet recipe_4x8_ema recipe_wd0.1 recipe_wd0.05_lr2e-3
-  recipe_s16 recipe_s64 recipe_geometry recipe_4x4_600 recipe_4x16_150 recipe_noshading recipe_adarand"
+  recipe_s16 recipe_s64 recipe_geometry recipe_4x4_600 recipe_4x16_150 recipe_noshading recipe_adarand
+  recipe_equalize recipe_4x8_retinex recipe_margin0.2"
 
 declare -A about=(
   [seed_radam_sf]="the seeds' recipe: triplet (margin 0.1, cosine) + RAdamScheduleFree lr 1e-3, mirror augmentation only"
@@ -154,12 +161,16 @@ declare -A about=(
   [recipe_4x16_150]="the recipe with 4 identities x 16 images x 150 steps (same budget)"
   [recipe_noshading]="the recipe without the shading term (gamma, contrast, brightness kept)"
   [recipe_adarand]="the recipe + AdaRand (lambda 1): features pulled toward class Gaussians of the pretrained features"
+  [recipe_equalize]="the recipe with grey histogram equalisation inside the model (model.input_norm=equalize)"
+  [recipe_4x8_retinex]="the recipe with retinex input normalisation (model.input_norm=retinex)"
+  [recipe_margin0.2]="the recipe with CosFace margin 0.2"
 )
 
 ids() { for i in "$@"; do printf 's%02d ' "$i"; done; }
 declare -A test_ids=([dev]="$(ids $(seq 1 8))" [dev2]="$(ids $(seq 9 16))" [A]="$(ids $(seq 29 40))" [B]="$(ids $(seq 17 28))")
 
-[[ -d $data/faces ]] || nice -n "$nice" "$bin/python" launch/relight_orl.py "$orl" "$data/faces"
+# shellcheck disable=SC2086  # RELIGHT is options
+[[ -d $data/faces ]] || nice -n "$nice" "$bin/python" launch/relight_orl.py "$orl" "$data/faces" ${RELIGHT:-}
 for split in ${SPLITS:-A B}; do
   if [[ ! -f $data/$split/manifest.json ]]; then  # train and test folders, train shards
     rm -rf "${data:?}/$split" && mkdir -p "$data/$split.train" "$data/$split.test"
@@ -183,6 +194,8 @@ for split in ${SPLITS:-A B}; do
         || { echo "run $run failed: see $run.log"; exit 1; }
       nice -n "$nice" "$bin/facedist-embed" --checkpoint "$run" --folder "$data/$split.test" --out "$run/test.npz" --cpu >> "$run.log" 2>&1
       nice -n "$nice" "$bin/python" -m facedist.evaluation.protocol "$run/test.npz" --out "$run/test.json"
+      # lighting pairs (one photo, two lights) and photo pairs scored apart: README, "Where the errors are"
+      nice -n "$nice" "$bin/python" launch/relit_breakdown.py "$run/test.npz" > "$run/breakdown.json"
       if [[ $name == recipe || $name == previous_recipe || $name == triplet_lighting ]]; then  # flip TTA's own effect: the same weights without it
         nice -n "$nice" "$bin/facedist-embed" --checkpoint "$run" --folder "$data/$split.test" --out "$run/test_noflip.npz" \
           --cpu --no-flip >> "$run.log" 2>&1
