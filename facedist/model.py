@@ -75,7 +75,7 @@ class HistogramEqualisation(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        count, channels, height, width = images.shape
+        count, _, height, width = images.shape
         grey = (images.float() * self.std + self.mean).mean(1).view(count, -1)
         levels = (grey * 255).round().clamp(0, 255).long()
         histogram = torch.zeros(count, 256, device=images.device).scatter_add_(1, levels, torch.ones_like(grey))
