@@ -26,8 +26,15 @@ from PIL import Image
 
 # ArcFace (insightface) 112x112 template: the subject's right eye (image left), then left eye.
 TEMPLATE_SIZE = 112
-TEMPLATE_FIVE_POINTS = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],  # eyes, nose,
-                                 [41.5493, 92.3655], [70.7299, 92.2041]])  # mouth corners
+TEMPLATE_FIVE_POINTS = np.array(
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],  # eyes, nose,
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ]
+)  # mouth corners
 TEMPLATE_EYES = TEMPLATE_FIVE_POINTS[:2]
 # Eye centres relative to a Haar face box (x / width, y / height), measured on ORL faces where both
 # eyes were detected (std ~0.03); used to reject implausible eye pairs and to estimate missing eyes.
@@ -95,7 +102,9 @@ class FaceAligner:
         pad = max(small.shape) // 4  # the detector window must fit around faces that fill the photo
         padded = cv2.equalizeHist(cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_CONSTANT))
         min_side = max(24, min(small.shape) // 8)
-        faces = self.face_cascade.detectMultiScale(padded, scaleFactor=1.1, minNeighbors=4, minSize=(min_side, min_side))
+        faces = self.face_cascade.detectMultiScale(
+            padded, scaleFactor=1.1, minNeighbors=4, minSize=(min_side, min_side)
+        )
         if len(faces) == 0:
             return None
         x, y, w, h = max(faces, key=lambda box: box[2] * box[3])
@@ -104,7 +113,7 @@ class FaceAligner:
     def _find_eyes(self, gray: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray | None:
         cv2 = _cv2()
         x, y, w, h = box
-        top = gray[max(y, 0): max(y + int(0.6 * h), 0), max(x, 0): max(x + w, 0)]
+        top = gray[max(y, 0) : max(y + int(0.6 * h), 0), max(x, 0) : max(x + w, 0)]
         if top.size == 0:
             return None
         zoom = EYE_SEARCH_WIDTH / w
@@ -137,6 +146,7 @@ class FaceAligner:
         if eyes is None:
             eyes = BOX_EYES * box[2:] + box[:2]
         matrix = similarity_transform(eyes, TEMPLATE_EYES * (self.output_size / TEMPLATE_SIZE))
-        crop = cv2.warpAffine(rgb, matrix, (self.output_size, self.output_size), flags=cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_REPLICATE)
+        crop = cv2.warpAffine(
+            rgb, matrix, (self.output_size, self.output_size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
         return AlignedFace(Image.fromarray(crop), box, eyes, detected)

@@ -12,10 +12,10 @@ and the FC sits over the 7 x 7 map of a 112 x 112 input: the input size is fixed
 from __future__ import annotations
 
 import torch
+from timm.models import build_model_with_cfg, register_model
 from torch import nn
 
 import facedist  # noqa: F401  (torchvision compat before timm)
-from timm.models import build_model_with_cfg, register_model
 
 INPUT_SIZE = 112
 _FINAL_MAP = 7  # 112 px after four stride-2 stages (IResNet) or the four stride-2 convs (MobileFaceNet)
@@ -23,21 +23,35 @@ _FINAL_MAP = 7  # 112 px after four stride-2 stages (IResNet) or the four stride
 
 def _face_cfg(**overrides) -> dict:
     # InsightFace normalises RGB in [0, 1] with mean = std = 0.5; no classifier, no weights to download
-    return {"url": "", "num_classes": -1, "input_size": (3, INPUT_SIZE, INPUT_SIZE), "fixed_input_size": True,
-            "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear", "crop_pct": 1.0,
-            "first_conv": "conv1", "classifier": "", **overrides}
+    return {
+        "url": "",
+        "num_classes": -1,
+        "input_size": (3, INPUT_SIZE, INPUT_SIZE),
+        "fixed_input_size": True,
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "first_conv": "conv1",
+        "classifier": "",
+        **overrides,
+    }
 
 
-default_cfgs = {name: _face_cfg() for name in
-                ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "iresnet18_narrow")}
+default_cfgs = {
+    name: _face_cfg()
+    for name in ("iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "iresnet18_narrow")
+}
 default_cfgs["mobilefacenet"] = _face_cfg(first_conv="layers.0.layers.0")
 
 
 def _check_input(img_size, in_chans: int) -> None:
     size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
     if size != (INPUT_SIZE, INPUT_SIZE) or in_chans != 3:
-        raise ValueError(f"face backbones take 3 x {INPUT_SIZE} x {INPUT_SIZE} images (the embedding FC sits over "
-                         f"a {_FINAL_MAP} x {_FINAL_MAP} map), got {in_chans} x {size[0]} x {size[1]}")
+        raise ValueError(
+            f"face backbones take 3 x {INPUT_SIZE} x {INPUT_SIZE} images (the embedding FC sits over "
+            f"a {_FINAL_MAP} x {_FINAL_MAP} map), got {in_chans} x {size[0]} x {size[1]}"
+        )
 
 
 class IBasicBlock(nn.Module):
@@ -53,8 +67,9 @@ class IBasicBlock(nn.Module):
         self.bn3 = nn.BatchNorm2d(channels)
         self.downsample = None
         if stride != 1 or in_channels != channels:
-            self.downsample = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(channels))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False), nn.BatchNorm2d(channels)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
@@ -67,8 +82,15 @@ class IResNet(nn.Module):
 
     gives_embedding = True
 
-    def __init__(self, layers, widths=(64, 128, 256, 512), embedding_dim: int = 512, dropout: float = 0.0,
-                 img_size=INPUT_SIZE, in_chans: int = 3):
+    def __init__(
+        self,
+        layers,
+        widths=(64, 128, 256, 512),
+        embedding_dim: int = 512,
+        dropout: float = 0.0,
+        img_size=INPUT_SIZE,
+        in_chans: int = 3,
+    ):
         super().__init__()
         _check_input(img_size, in_chans)
         self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
@@ -104,11 +126,21 @@ class IResNet(nn.Module):
 class ConvBN(nn.Module):
     """Conv (no bias), BN and, unless `linear`, PReLU: MobileFaceNet's ConvBlock / LinearBlock."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1, padding: int = 0,
-                 groups: int = 1, linear: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int = 1,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+        linear: bool = False,
+    ):
         super().__init__()
-        parts = [nn.Conv2d(in_channels, out_channels, kernel, stride, padding, groups=groups, bias=False),
-                 nn.BatchNorm2d(out_channels)]
+        parts = [
+            nn.Conv2d(in_channels, out_channels, kernel, stride, padding, groups=groups, bias=False),
+            nn.BatchNorm2d(out_channels),
+        ]
         self.layers = nn.Sequential(*parts, *([] if linear else [nn.PReLU(out_channels)]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,9 +153,11 @@ class DepthwiseBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, expanded: int, stride: int, residual: bool = False):
         super().__init__()
         self.residual = residual
-        self.layers = nn.Sequential(ConvBN(in_channels, expanded),
-                                    ConvBN(expanded, expanded, 3, stride, 1, groups=expanded),
-                                    ConvBN(expanded, out_channels, linear=True))
+        self.layers = nn.Sequential(
+            ConvBN(in_channels, expanded),
+            ConvBN(expanded, expanded, 3, stride, 1, groups=expanded),
+            ConvBN(expanded, out_channels, linear=True),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.layers(x) if self.residual else self.layers(x)
@@ -132,8 +166,9 @@ class DepthwiseBlock(nn.Module):
 class ResidualStage(nn.Module):
     def __init__(self, channels: int, blocks: int, expanded: int):
         super().__init__()
-        self.layers = nn.Sequential(*[DepthwiseBlock(channels, channels, expanded, 1, residual=True)
-                                      for _ in range(blocks)])
+        self.layers = nn.Sequential(
+            *[DepthwiseBlock(channels, channels, expanded, 1, residual=True) for _ in range(blocks)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -144,9 +179,12 @@ class GDC(nn.Module):
 
     def __init__(self, channels: int, embedding_dim: int):
         super().__init__()
-        self.layers = nn.Sequential(ConvBN(channels, channels, _FINAL_MAP, groups=channels, linear=True),
-                                    nn.Flatten(), nn.Linear(channels, embedding_dim, bias=False),
-                                    nn.BatchNorm1d(embedding_dim))
+        self.layers = nn.Sequential(
+            ConvBN(channels, channels, _FINAL_MAP, groups=channels, linear=True),
+            nn.Flatten(),
+            nn.Linear(channels, embedding_dim, bias=False),
+            nn.BatchNorm1d(embedding_dim),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -157,20 +195,28 @@ class MobileFaceNet(nn.Module):
 
     gives_embedding = True
 
-    def __init__(self, embedding_dim: int = 512, blocks=(1, 4, 6, 2), scale: int = 2, img_size=INPUT_SIZE,
-                 in_chans: int = 3):
+    def __init__(
+        self, embedding_dim: int = 512, blocks=(1, 4, 6, 2), scale: int = 2, img_size=INPUT_SIZE, in_chans: int = 3
+    ):
         super().__init__()
         _check_input(img_size, in_chans)
         if blocks[0] != 1:
             raise ValueError("MobileFaceNet here has a single stem block (blocks[0] = 1), as arcface_torch's mbf")
         c1, c2 = 64 * scale, 128 * scale
-        self.layers = nn.ModuleList([
-            ConvBN(3, c1, 3, 2, 1),
-            ConvBN(c1, c1, 3, 1, 1, groups=64),  # grouped, not depthwise: InsightFace's choice, kept for its weights
-            DepthwiseBlock(c1, c1, 128, 2), ResidualStage(c1, blocks[1], 128),
-            DepthwiseBlock(c1, c2, 256, 2), ResidualStage(c2, blocks[2], 256),
-            DepthwiseBlock(c2, c2, 512, 2), ResidualStage(c2, blocks[3], 256),
-        ])
+        self.layers = nn.ModuleList(
+            [
+                ConvBN(3, c1, 3, 2, 1),
+                ConvBN(
+                    c1, c1, 3, 1, 1, groups=64
+                ),  # grouped, not depthwise: InsightFace's choice, kept for its weights
+                DepthwiseBlock(c1, c1, 128, 2),
+                ResidualStage(c1, blocks[1], 128),
+                DepthwiseBlock(c1, c2, 256, 2),
+                ResidualStage(c2, blocks[2], 256),
+                DepthwiseBlock(c2, c2, 512, 2),
+                ResidualStage(c2, blocks[3], 256),
+            ]
+        )
         self.conv_sep = ConvBN(c2, 512)
         self.features = GDC(512, embedding_dim)
         self.num_features = self.head_hidden_size = embedding_dim

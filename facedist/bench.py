@@ -1,4 +1,7 @@
-"""Benchmarks that print figures (JSON), never pass/fail: `python -m facedist.bench {shards,train,head,data,eval,model,loss} ...`."""
+"""Benchmarks that print figures (JSON), never pass/fail.
+
+python -m facedist.bench {shards,train,head,data,eval,model,loss} ...
+"""
 
 from __future__ import annotations
 
@@ -19,8 +22,13 @@ BENCHMARKS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in BENCHMARKS:
-        print("usage: python -m facedist.bench {" + ",".join(BENCHMARKS) + "} [options]\n" +
-              "\n".join(f"  {name:7s} {what}" for name, what in BENCHMARKS.items()), file=sys.stderr)
+        print(
+            "usage: python -m facedist.bench {"
+            + ",".join(BENCHMARKS)
+            + "} [options]\n"
+            + "\n".join(f"  {name:7s} {what}" for name, what in BENCHMARKS.items()),
+            file=sys.stderr,
+        )
         return 2
     module = importlib.import_module(f"facedist.benchmarks.{argv[0]}")
     return module.main(argv[1:]) or 0

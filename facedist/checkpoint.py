@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from facedist.config import config_from_dict
-from facedist.durable import fsync_directory
+from facedist.durable import fsync_directory, write_atomic
 
 CHECKPOINTS = "checkpoints"
 EMBEDDING_FILE = "model.safetensors"
@@ -71,8 +71,11 @@ def supersede_newer(output_dir: str | Path, step: int) -> Path | None:
         os.replace(path, folder / path.name)
     fsync_directory(folder)
     fsync_directory(folder.parent)
-    print(f"resume: rolled back to step {step}; moved the newer checkpoints ({', '.join(p.name for p in newer)}) "
-          f"and their metrics.jsonl lines to {folder}", flush=True)
+    print(
+        f"resume: rolled back to step {step}; moved the newer checkpoints ({', '.join(p.name for p in newer)}) "
+        f"and their metrics.jsonl lines to {folder}",
+        flush=True,
+    )
     return folder
 
 
@@ -82,7 +85,9 @@ def supersede_log_lines(metrics_file: Path, step: int, superseded: Path | None) 
     lines = metrics_file.read_text().splitlines()
     later = [line for line in lines if json.loads(line)["step"] > step]
     if superseded is not None and later:
-        write_atomic(superseded / metrics_file.name, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in later)))
+        write_atomic(
+            superseded / metrics_file.name, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in later))
+        )
     kept = [line for line in lines if json.loads(line)["step"] <= step]
     write_atomic(metrics_file, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in kept)))
 
@@ -100,21 +105,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_directory(path.parent)
-
-
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def save_embedding_model(model_state: dict[str, torch.Tensor] | torch.nn.Module, preprocessing: dict,
-                         config: dict, path: str | Path, step: int | None = None) -> None:
+def save_embedding_model(
+    model_state: dict[str, torch.Tensor] | torch.nn.Module,
+    preprocessing: dict,
+    config: dict,
+    path: str | Path,
+    step: int | None = None,
+) -> None:
     """Write evaluation weights of an EmbeddingModel as safetensors with the metadata to rebuild it."""
     state = model_state.state_dict() if isinstance(model_state, torch.nn.Module) else model_state
     meta = {"facedist": json.dumps({"preprocessing": preprocessing, "config": config, "step": step})}
@@ -176,8 +177,9 @@ def init_weights_from(model: torch.nn.Module, source: str | Path) -> str:
             try:
                 model.load_state_dict(load_file(str(path)))
             except RuntimeError as err:
-                raise CheckpointError(f"model.init_from: {path} does not fit this model: "
-                                      f"{str(err).splitlines()[0][:200]}") from err
+                raise CheckpointError(
+                    f"model.init_from: {path} does not fit this model: {str(err).splitlines()[0][:200]}"
+                ) from err
             return f"the embedding model of {path}"
     try:
         load_backbone_weights(model.backbone, path)
@@ -206,11 +208,15 @@ def dependencies(cfg, num_classes: int, data_fingerprint: str) -> dict[str, Any]
 def check_compatible(checkpoint: Path, expected: dict[str, Any], force: bool) -> dict:
     """Read meta.json and refuse (one line) when a dependency changed, unless `force`."""
     meta = json.loads((checkpoint / META_FILE).read_text())
-    changed = [f"{k}: {meta['dependencies'].get(k)!r} -> {v!r}" for k, v in expected.items()
-               if meta["dependencies"].get(k) != v]
+    changed = [
+        f"{k}: {meta['dependencies'].get(k)!r} -> {v!r}"
+        for k, v in expected.items()
+        if meta["dependencies"].get(k) != v
+    ]
     if changed and not force:
-        raise CheckpointError(f"resume: {checkpoint} was trained with a different {'; '.join(changed)} "
-                              "(pass --force to resume anyway)")
+        raise CheckpointError(
+            f"resume: {checkpoint} was trained with a different {'; '.join(changed)} (pass --force to resume anyway)"
+        )
     return meta
 
 

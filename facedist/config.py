@@ -105,7 +105,9 @@ class OptimConfig:
     schedule: Literal["polynomial", "cosine"] = "polynomial"  # sgd, after the linear warmup
     power: float = 2.0  # sgd's polynomial decay: lr x (1 - progress) ** power, arcface_torch's PolynomialLRWarmup
     grad_clip: float = 0.0  # global L2 norm; 0 disables
-    ema_decay: float = 0.0  # evaluate and export a moving average of the weights (decay warmed up, optim.py); 0 disables
+    ema_decay: float = (
+        0.0  # evaluate and export a moving average of the weights (decay warmed up, optim.py); 0 disables
+    )
 
 
 @dataclass
@@ -132,7 +134,9 @@ class EvalConfig:
     bn_recal_batches: int = 8  # ScheduleFree: batches to re-estimate BN statistics at the eval weights
     projector_points: int = 1000  # TensorBoard projector, last evaluation only: a seeded subset; 0 disables
     timeout_s: int = 3600  # other ranks wait this long for the main one's share (report, plots, TensorBoard)
-    bins: list[str] = field(default_factory=list)  # verification .bin sets (lfw.bin, ...): `<set>_acc` every `every` steps
+    bins: list[str] = field(
+        default_factory=list
+    )  # verification .bin sets (lfw.bin, ...): `<set>_acc` every `every` steps
     flip: bool = False  # flip test-time augmentation (image + mirror), recorded in the checkpoint: the default of
     #                     facedist-eval / -embed / -compare for it (--flip / --no-flip override)
 
@@ -225,7 +229,9 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping of {', '.join(sorted(f.name for f in dataclasses.fields(current)))}")
+                raise ConfigError(
+                    f"{key}: expected a mapping of {', '.join(sorted(f.name for f in dataclasses.fields(current)))}"
+                )
             _apply(current, value, prefix=f"{key}.")
         else:
             setattr(obj, name, _coerce(key, hints[name], value))
@@ -285,11 +291,15 @@ def _validate(cfg: Config) -> None:
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay: must be in [0, 1) (0 disables), got {cfg.optim.ema_decay}")
     if cfg.optim.ema_decay > 0 and cfg.optim.name in ("radam_schedulefree", "adamw_schedulefree", "sgd_schedulefree"):
-        raise ConfigError(f"optim.ema_decay: {cfg.optim.name} already evaluates an average of its weights; set 0 "
-                          "or use adamw_cosine or sgd")
+        raise ConfigError(
+            f"optim.ema_decay: {cfg.optim.name} already evaluates an average of its weights; set 0 "
+            "or use adamw_cosine or sgd"
+        )
     if not 1.0 <= cfg.model.input_scale <= 4.0:
-        raise ConfigError(f"model.input_scale: must be in [1, 4] (to shrink images, lower model.image_size), "
-                          f"got {cfg.model.input_scale}")
+        raise ConfigError(
+            f"model.input_scale: must be in [1, 4] (to shrink images, lower model.image_size), "
+            f"got {cfg.model.input_scale}"
+        )
     if not 0.0 < cfg.optim.backbone_lr_scale <= 1.0:
         raise ConfigError(f"optim.backbone_lr_scale: must be in (0, 1], got {cfg.optim.backbone_lr_scale}")
     if not 0.0 < cfg.loss.sample_rate <= 1.0:
@@ -297,24 +307,33 @@ def _validate(cfg: Config) -> None:
     if cfg.loss.pair == "none" and cfg.loss.head == "none":
         raise ConfigError("loss.pair and loss.head are both 'none': choose at least one loss")
     if cfg.loss.pair != "none" and cfg.data.images_per_class < 2:
-        raise ConfigError(f"data.images_per_class: pair losses need >= 2 images per class, got {cfg.data.images_per_class}")
+        raise ConfigError(
+            f"data.images_per_class: pair losses need >= 2 images per class, got {cfg.data.images_per_class}"
+        )
     if cfg.loss.miner != "none" and cfg.loss.pair != "triplet":
         raise ConfigError(f"loss.miner={cfg.loss.miner}: mines triplets for loss.pair=triplet, not {cfg.loss.pair}")
     if cfg.loss.adarand and not (cfg.model.pretrained or cfg.model.init_from):
-        raise ConfigError("loss.adarand: regularises fine-tuning toward pretrained features; set model.pretrained "
-                          "or model.init_from")
+        raise ConfigError(
+            "loss.adarand: regularises fine-tuning toward pretrained features; set model.pretrained or model.init_from"
+        )
     if cfg.data.sampler == "random" and cfg.loss.pair != "none":
-        raise ConfigError(f"data.sampler=random with loss.pair={cfg.loss.pair}: uniform batches hold few positive "
-                          "pairs; use data.sampler=class_balanced for pair losses")
+        raise ConfigError(
+            f"data.sampler=random with loss.pair={cfg.loss.pair}: uniform batches hold few positive "
+            "pairs; use data.sampler=class_balanced for pair losses"
+        )
     if cfg.model.pretrained and cfg.model.init_from:
-        raise ConfigError("model.pretrained and model.init_from are both set: init_from replaces the pretrained "
-                          "weights; set one")
+        raise ConfigError(
+            "model.pretrained and model.init_from are both set: init_from replaces the pretrained weights; set one"
+        )
     if cfg.optim.name == "radam_schedulefree" and cfg.optim.warmup_steps > 0:
-        raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps}: radam_schedulefree has no warm-up (RAdam's "
-                          "rectification is its warm-up); set 0 or use adamw_schedulefree, sgd_schedulefree or adamw_cosine")
+        raise ConfigError(
+            f"optim.warmup_steps={cfg.optim.warmup_steps}: radam_schedulefree has no warm-up (RAdam's "
+            "rectification is its warm-up); set 0 or use adamw_schedulefree, sgd_schedulefree or adamw_cosine"
+        )
     if cfg.loss.head in HEAD_PAPER_MARGINS and cfg.loss.margin is None:
-        raise ConfigError(f"loss.margin: loss.head={cfg.loss.head} needs a margin (its paper's: "
-                          f"{HEAD_PAPER_MARGINS[cfg.loss.head]})")
+        raise ConfigError(
+            f"loss.margin: loss.head={cfg.loss.head} needs a margin (its paper's: {HEAD_PAPER_MARGINS[cfg.loss.head]})"
+        )
     names = [Path(path).stem for path in cfg.eval.bins]
     if len(set(names)) != len(names):
         raise ConfigError(f"eval.bins: two sets share a name ({', '.join(names)}); each logs as <file stem>_acc")
@@ -327,9 +346,13 @@ def _validate(cfg: Config) -> None:
         if getattr(augment, name) < 0:
             raise ConfigError(f"data.augment.{name}: must be >= 0 (0 disables), got {getattr(augment, name)}")
     if augment.shading > 1:
-        raise ConfigError(f"data.augment.shading: must be <= 1 (the dark side's factor is 1 - shading), got {augment.shading}")
+        raise ConfigError(
+            f"data.augment.shading: must be <= 1 (the dark side's factor is 1 - shading), got {augment.shading}"
+        )
     if augment.gamma >= 1:
-        raise ConfigError(f"data.augment.gamma: must be < 1 (the exponent is drawn in [1 - gamma, 1 + gamma]), got {augment.gamma}")
+        raise ConfigError(
+            f"data.augment.gamma: must be < 1 (the exponent is drawn in [1 - gamma, 1 + gamma]), got {augment.gamma}"
+        )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -133,12 +133,18 @@ class StepFlags:
         self.device = device
         self.loss_bad = self.grad_bad = self.stop = False
 
-    def reduce(self, loss: torch.Tensor, replicated_norm_squared: torch.Tensor, head_norm_squared: torch.Tensor,
-               stop: bool) -> torch.Tensor:
+    def reduce(
+        self, loss: torch.Tensor, replicated_norm_squared: torch.Tensor, head_norm_squared: torch.Tensor, stop: bool
+    ) -> torch.Tensor:
         bad_grad = ~torch.isfinite(replicated_norm_squared.to(self.device) + head_norm_squared.to(self.device))
-        packed = torch.stack([head_norm_squared.to(self.device, torch.float32),
-                              (~torch.isfinite(loss.detach())).to(self.device, torch.float32),
-                              bad_grad.float(), torch.full((), float(stop), device=self.device)])
+        packed = torch.stack(
+            [
+                head_norm_squared.to(self.device, torch.float32),
+                (~torch.isfinite(loss.detach())).to(self.device, torch.float32),
+                bad_grad.float(),
+                torch.full((), float(stop), device=self.device),
+            ]
+        )
         self._packed = all_reduce(packed, "sum")
         return self._packed[0]
 

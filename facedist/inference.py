@@ -13,9 +13,9 @@ process would compute.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -60,8 +60,10 @@ def list_images(root: str | Path) -> tuple[list[Path], list[str]]:
     root = Path(root)
     if not root.is_dir():
         raise ImageError(f"--folder {root}: not a directory")
-    paths = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-                   key=lambda p: p.relative_to(root).as_posix())
+    paths = sorted(
+        (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
     if not paths:
         raise ImageError(f"--folder {root}: no images ({', '.join(IMAGE_EXTENSIONS)})")
     identities = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "" for p in paths]
@@ -76,8 +78,13 @@ class ImageDataset(Dataset):
     reported and the image skipped.
     """
 
-    def __init__(self, sources: Sequence[str | Path | bytes], preprocessing: dict, align: bool = False,
-                 names: Sequence[str] | None = None):
+    def __init__(
+        self,
+        sources: Sequence[str | Path | bytes],
+        preprocessing: dict,
+        align: bool = False,
+        names: Sequence[str] | None = None,
+    ):
         self.sources, self.preprocessing, self.align, self.names = sources, preprocessing, align, names
         self._aligner = None  # built lazily in each worker (OpenCV cascades do not pickle)
 
@@ -129,7 +136,9 @@ def flip_default(requested: bool | None, preprocessing: dict) -> bool:
 
 
 @torch.no_grad()
-def embed_batch(model: torch.nn.Module, images: torch.Tensor, flip: bool = False, normalize: bool = True) -> torch.Tensor:
+def embed_batch(
+    model: torch.nn.Module, images: torch.Tensor, flip: bool = False, normalize: bool = True
+) -> torch.Tensor:
     """L2-normalised (unless `normalize=False`) embeddings of a preprocessed batch [B, 3, S, S]; `flip`
     adds the mirrored image."""
     out = model(images)
@@ -153,8 +162,15 @@ def _all_gather_lists(items: list) -> list:
     return [item for part in parts for item in part]
 
 
-def embed_dataset(model: torch.nn.Module, dataset: ImageDataset, batch_size: int = 64, flip: bool = False,
-                  num_workers: int = 0, progress: bool = False, normalize: bool = True) -> Embeddings:
+def embed_dataset(
+    model: torch.nn.Module,
+    dataset: ImageDataset,
+    batch_size: int = 64,
+    flip: bool = False,
+    num_workers: int = 0,
+    progress: bool = False,
+    normalize: bool = True,
+) -> Embeddings:
     """Embed every item of `dataset` (split across ranks when distributed; all ranks get all rows;
     `normalize=False`: the model's outputs as they are, e.g. for IJB's faceness-weighted templates).
 
@@ -165,7 +181,9 @@ def embed_dataset(model: torch.nn.Module, dataset: ImageDataset, batch_size: int
     loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=batch_size, **loader_kwargs(num_workers))
     vectors, indices, skipped, fatal = [], [], [], []
     model.eval()
-    for images, idx, messages, fatal_flags in tqdm(loader, desc="embedding", disable=not progress or distributed.rank() > 0):
+    for images, idx, messages, fatal_flags in tqdm(
+        loader, desc="embedding", disable=not progress or distributed.rank() > 0
+    ):
         ok = torch.tensor([not m for m in messages])
         for message, is_fatal in zip(messages, fatal_flags.tolist()):
             if message:
@@ -185,8 +203,16 @@ def embed_dataset(model: torch.nn.Module, dataset: ImageDataset, batch_size: int
     return Embeddings(all_vectors, all_indices, _all_gather_lists(skipped))
 
 
-def embed_paths(model: torch.nn.Module, paths: Sequence[str | Path], preprocessing: dict, batch_size: int = 64,
-                flip: bool = False, align: bool = False, num_workers: int = 0, progress: bool = False) -> Embeddings:
+def embed_paths(
+    model: torch.nn.Module,
+    paths: Sequence[str | Path],
+    preprocessing: dict,
+    batch_size: int = 64,
+    flip: bool = False,
+    align: bool = False,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> Embeddings:
     """Embeddings of image files (see embed_dataset); with `align`, images without a face are skipped."""
     dataset = ImageDataset(list(paths), preprocessing, align=align)
     return embed_dataset(model, dataset, batch_size, flip, num_workers, progress)

@@ -19,8 +19,14 @@ import numpy as np
 import torch
 
 from facedist import distributed
-from facedist.checkpoint import (EMBEDDING_FILE, CheckpointError, write_atomic, load_embedding_model,
-                                 read_embedding_metadata, save_embedding_model)
+from facedist.checkpoint import (
+    EMBEDDING_FILE,
+    CheckpointError,
+    load_embedding_model,
+    read_embedding_metadata,
+    save_embedding_model,
+)
+from facedist.durable import write_atomic
 from facedist.evaluation.cli import THRESHOLDS_FILE
 from facedist.evaluation.metrics import far_key
 from facedist.inference import ImageError, embed_paths, flip_default, list_images
@@ -50,13 +56,17 @@ def stored_threshold(checkpoint_dir: Path, far: float) -> tuple[float, dict]:
     """The cosine threshold at `far` that facedist-eval stored next to the checkpoint, and that record."""
     path = checkpoint_dir / THRESHOLDS_FILE
     if not path.is_file():
-        raise CheckpointError(f"no --threshold given and {path} does not exist "
-                              "(run facedist-eval on this checkpoint, or pass --threshold)")
+        raise CheckpointError(
+            f"no --threshold given and {path} does not exist "
+            "(run facedist-eval on this checkpoint, or pass --threshold)"
+        )
     record = json.loads(path.read_text())
     key = far_key(far)
     if key not in record["far"]:
-        raise CheckpointError(f"{path}: no threshold at FAR {key} (available: {', '.join(record['far']) or 'none'}; "
-                              "evaluate on more images or pass --threshold)")
+        raise CheckpointError(
+            f"{path}: no threshold at FAR {key} (available: {', '.join(record['far']) or 'none'}; "
+            "evaluate on more images or pass --threshold)"
+        )
     return float(record["far"][key]), record
 
 
@@ -86,8 +96,11 @@ def compare_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, help="cosine threshold (default: the stored FAR threshold)")
     parser.add_argument("--far", type=float, default=1e-3, help="which stored threshold to use (default 1e-3)")
     parser.add_argument("--align", action="store_true", help="detect and align the faces first (raw photos)")
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction,
-                        help="flip test-time augmentation (default: as the checkpoint records, eval.flip)")
+    parser.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        help="flip test-time augmentation (default: as the checkpoint records, eval.flip)",
+    )
     parser.add_argument("--cpu", action="store_true")
     return _run("facedist-compare", compare, parser.parse_args(argv))
 
@@ -106,9 +119,12 @@ def write_embeddings(path: Path, vectors: np.ndarray, identities: list[str], pat
         table = pa.table({"path": paths, "identity": identities, "embedding": embedding})
         write_atomic(path, lambda tmp: pq.write_table(table, tmp))
     else:
+
         def write_npz(tmp):
             with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temp name
-                np.savez(f, embeddings=vectors, identity=np.array(identities, dtype=str), path=np.array(paths, dtype=str))
+                np.savez(
+                    f, embeddings=vectors, identity=np.array(identities, dtype=str), path=np.array(paths, dtype=str)
+                )
 
         write_atomic(path, write_npz)
 
@@ -118,13 +134,17 @@ def embed(args: argparse.Namespace) -> None:
     model, preprocessing, _ = load_embedding_model(args.checkpoint, _device(args.cpu))
     paths, identities = list_images(args.folder)
     flip = flip_default(args.flip, preprocessing)
-    result = embed_paths(model, paths, preprocessing, args.batch_size, flip, args.align, args.num_workers, progress=True)
+    result = embed_paths(
+        model, paths, preprocessing, args.batch_size, flip, args.align, args.num_workers, progress=True
+    )
     if distributed.rank() != 0:
         return
     for message in result.skipped:
         print(f"facedist-embed: skipped: {message}", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_embeddings(out, result.vectors, [identities[i] for i in result.indices], [str(paths[i]) for i in result.indices])
+    write_embeddings(
+        out, result.vectors, [identities[i] for i in result.indices], [str(paths[i]) for i in result.indices]
+    )
     print(f"facedist-embed: {len(result.indices)} embeddings written to {out}, {len(result.skipped)} images skipped")
 
 
@@ -134,8 +154,11 @@ def embed_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folder", required=True, help="images; identity = first folder below DIR")
     parser.add_argument("--out", required=True, help="FILE.parquet or FILE.npz")
     parser.add_argument("--align", action="store_true", help="detect and align faces (images without one are skipped)")
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction,
-                        help="flip test-time augmentation (default: as the checkpoint records, eval.flip)")
+    parser.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        help="flip test-time augmentation (default: as the checkpoint records, eval.flip)",
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--cpu", action="store_true")
@@ -159,12 +182,22 @@ def export_onnx(model: torch.nn.Module, preprocessing: dict, metadata: dict, pat
     def write(tmp):
         with warnings.catch_warnings():  # the TorchScript exporter is deprecated; the new one needs onnxscript
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=opset,
-                              input_names=["images"], output_names=["embeddings"],
-                              dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}})
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["images"],
+                output_names=["embeddings"],
+                dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
+            )
         proto = onnx.load(str(tmp))
-        props = {"preprocessing": json.dumps(preprocessing), "facedist": json.dumps(metadata),
-                 "output": "embeddings are not normalised: L2-normalise before cosine similarity"}
+        props = {
+            "preprocessing": json.dumps(preprocessing),
+            "facedist": json.dumps(metadata),
+            "output": "embeddings are not normalised: L2-normalise before cosine similarity",
+        }
         for key, value in props.items():
             proto.metadata_props.add(key=key, value=value)
         onnx.save(proto, str(tmp))
@@ -180,13 +213,21 @@ def export(args: argparse.Namespace) -> None:
         save_embedding_model(model, preprocessing, metadata["config"], args.safetensors, step=metadata.get("step"))
         print(f"facedist-export: {args.safetensors}")
     if args.onnx:
-        export_onnx(model, preprocessing, {"config": metadata["config"], "step": metadata.get("step")}, Path(args.onnx), args.opset)
+        export_onnx(
+            model,
+            preprocessing,
+            {"config": metadata["config"], "step": metadata.get("step")},
+            Path(args.onnx),
+            args.opset,
+        )
         print(f"facedist-export: {args.onnx}")
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="facedist-export", description="Backbone + neck (evaluation weights) "
-                                     "to ONNX and/or safetensors, preprocessing in the metadata.")
+    parser = argparse.ArgumentParser(
+        prog="facedist-export",
+        description="Backbone + neck (evaluation weights) to ONNX and/or safetensors, preprocessing in the metadata.",
+    )
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--onnx", help="output .onnx file")
     parser.add_argument("--safetensors", help="output .safetensors file (loadable with --checkpoint FILE)")

@@ -31,8 +31,9 @@ MS_ALPHA, MS_BETA, MS_BASE = 2.0, 50.0, 0.5  # PML's MultiSimilarityLoss default
 CONTRASTIVE_POS_MARGIN = 1.0  # positives pulled to cosine 1
 
 
-def _triplet_terms(sim: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, margin: float,
-                   miner: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _triplet_terms(
+    sim: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, margin: float, miner: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the counted triplets' s_an - s_ap + margin, their number) for the anchors of `sim` [c, N]."""
     keys, order = torch.where(neg, sim, -torch.inf).sort(dim=1)  # non-negatives first, never inside an interval
     values = torch.where(neg.gather(1, order), sim.gather(1, order), 0.0)
@@ -86,8 +87,11 @@ class PairLoss(nn.Module):
             same = y[anchors, None] == y[None, :]
             pos = same & (columns[None, :] != columns[anchors, None])
             parts.append(self._terms(sim, pos, ~same))
-        stats = distributed.SumOverRanks.apply(torch.stack([torch.stack([t.to(x.dtype) for t in p]) for p in parts]).sum(0)
-                                               if parts else x.new_zeros(self._num_stats))
+        stats = distributed.SumOverRanks.apply(
+            torch.stack([torch.stack([t.to(x.dtype) for t in p]) for p in parts]).sum(0)
+            if parts
+            else x.new_zeros(self._num_stats)
+        )
         loss = self._reduce(stats, count)
         return loss, loss.detach()
 
@@ -141,7 +145,9 @@ class Objective(nn.Module):
             loss, value = self.adarand.global_loss(embeddings, rows.detach(), y, own, step)
             total = total + loss
             logged["adarand_loss"] = value
-        logged["loss"] = sum(w * logged[k] for k, w in (("pair_loss", self.pair_weight),
-                                                          ("head_loss", self.head_weight),
-                                                          ("adarand_loss", 1.0)) if k in logged)
+        logged["loss"] = sum(
+            w * logged[k]
+            for k, w in (("pair_loss", self.pair_weight), ("head_loss", self.head_weight), ("adarand_loss", 1.0))
+            if k in logged
+        )
         return total, logged

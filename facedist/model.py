@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import facedist  # noqa: F401  (torchvision compat before timm)
-import timm
-
 from facedist.backbones import FACE_BACKBONES
 from facedist.config import ModelConfig
 
@@ -106,8 +105,14 @@ class EmbeddingModel(nn.Module):
     gives that map. A backbone with `gives_embedding` already ends
     in FC + BatchNorm1d to `embedding_dim`: no neck."""
 
-    def __init__(self, backbone: nn.Module, embedding_dim: int, input_norm: nn.Module | None = None,
-                 map_shape: tuple[int, int, int] | None = None, input_scale: float = 1.0):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        embedding_dim: int,
+        input_norm: nn.Module | None = None,
+        map_shape: tuple[int, int, int] | None = None,
+        input_scale: float = 1.0,
+    ):
         super().__init__()
         self.input_norm = input_norm or nn.Identity()
         self.input_resize = upscaling(input_scale)
@@ -131,7 +136,7 @@ class EmbeddingModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.neck(self.backbone(self.input_resize(self.input_norm(images))))
 
-    def train(self, mode: bool = True) -> "EmbeddingModel":
+    def train(self, mode: bool = True) -> EmbeddingModel:
         super().train(mode)
         if mode and self.freeze_bn:  # frozen statistics: BN layers always normalise with running stats
             for module in self.modules():
@@ -165,8 +170,10 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch/safetensors raise many types for a corrupt or foreign file
-        raise ValueError(f"model.pretrained: {path} is not a readable weights file "
-                         f"({type(err).__name__}: {str(err).splitlines()[0][:120]})") from err
+        raise ValueError(
+            f"model.pretrained: {path} is not a readable weights file "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+        ) from err
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -205,7 +212,10 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         mapped = {k: v for (_, v), k in zip(src, dst)}
     for key, value in mapped.items():
         if value.shape != target[key].shape:
-            raise ValueError(f"model.pretrained: {path}: {key} has shape {tuple(value.shape)}, backbone expects {tuple(target[key].shape)}")
+            raise ValueError(
+                f"model.pretrained: {path}: {key} has shape {tuple(value.shape)}, "
+                f"backbone expects {tuple(target[key].shape)}"
+            )
     missing = backbone.load_state_dict(mapped, strict=False).missing_keys
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing:
@@ -216,14 +226,20 @@ def _load_strict(backbone: nn.Module, state: dict, target: dict, path: Path) -> 
     """Exactly the backbone's keys and shapes (InsightFace's names), or one error naming what differs."""
     missing, unexpected = [k for k in target if k not in state], [k for k in state if k not in target]
     if missing or unexpected:
+
         def some(keys):
             return f"{keys[:4]}" + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
-        raise ValueError(f"model.pretrained: {path} does not fit {backbone.pretrained_cfg['architecture']}: "
-                         f"missing keys {some(missing)}, unexpected keys {some(unexpected)}")
+
+        raise ValueError(
+            f"model.pretrained: {path} does not fit {backbone.pretrained_cfg['architecture']}: "
+            f"missing keys {some(missing)}, unexpected keys {some(unexpected)}"
+        )
     for key, value in state.items():
         if value.shape != target[key].shape:
-            raise ValueError(f"model.pretrained: {path}: {key} has shape {tuple(value.shape)}, "
-                             f"backbone expects {tuple(target[key].shape)}")
+            raise ValueError(
+                f"model.pretrained: {path}: {key} has shape {tuple(value.shape)}, "
+                f"backbone expects {tuple(target[key].shape)}"
+            )
     backbone.load_state_dict(state, strict=True)
 
 
@@ -243,13 +259,17 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> Embeddi
     """Backbone from timm (no download: weights only from `cfg.pretrained`) + neck, BN mode applied."""
     face = cfg.backbone in FACE_BACKBONES
     if face and cfg.image_size != 112:
-        raise ValueError(f"model.image_size={cfg.image_size}: {cfg.backbone} takes 112 x 112 faces (its embedding FC "
-                         "sits over the 7 x 7 map); set model.image_size=112")
+        raise ValueError(
+            f"model.image_size={cfg.image_size}: {cfg.backbone} takes 112 x 112 faces (its embedding FC "
+            "sits over the 7 x 7 map); set model.image_size=112"
+        )
     if face and cfg.neck != "pool":
         raise ValueError(f"model.neck={cfg.neck}: {cfg.backbone} ends in its own embedding layer; set model.neck=pool")
     if face and cfg.input_scale != 1:
-        raise ValueError(f"model.input_scale={cfg.input_scale}: {cfg.backbone} takes 112 x 112 faces as they are; "
-                         "set model.input_scale=1")
+        raise ValueError(
+            f"model.input_scale={cfg.input_scale}: {cfg.backbone} takes 112 x 112 faces as they are; "
+            "set model.input_scale=1"
+        )
     options = {"embedding_dim": cfg.embedding_dim} if face else {"global_pool": ""} if cfg.neck == "gdc" else {}
     try:
         backbone = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **options)

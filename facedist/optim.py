@@ -11,15 +11,14 @@ average of their weights instead (`optim.ema_decay`, `build_weight_average`).
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import schedulefree
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 
 import facedist  # noqa: F401  (torchvision compat before timm)
-from timm.utils import ModelEmaV3
-
 from facedist import distributed
 from facedist.config import OptimConfig
 
@@ -37,8 +36,10 @@ def model_param_groups(model: nn.Module, backbone_lr_scale: float) -> list:
     if backbone_lr_scale == 1.0:
         return list(model.parameters())
     backbone = {id(p) for p in model.backbone.parameters()}
-    return [{"params": [p for p in model.parameters() if id(p) not in backbone]},
-            {"params": list(model.backbone.parameters()), "lr_scale": backbone_lr_scale}]
+    return [
+        {"params": [p for p in model.parameters() if id(p) not in backbone]},
+        {"params": list(model.backbone.parameters()), "lr_scale": backbone_lr_scale},
+    ]
 
 
 def build_optimizer(params: Iterable, cfg: OptimConfig, max_steps: int, lr_scale: float = 1.0):
@@ -46,19 +47,26 @@ def build_optimizer(params: Iterable, cfg: OptimConfig, max_steps: int, lr_scale
     (arcface_torch's recipe) warmup + polynomial decay or cosine (`lr_schedule`). `params` may be groups
     (dicts) with an "lr_scale" of their own."""
     lr = cfg.lr * lr_scale
-    params = [{**{k: v for k, v in group.items() if k != "lr_scale"}, "lr": lr * group.get("lr_scale", 1.0)}
-              if isinstance(group, dict) else group for group in params]
+    params = [
+        {**{k: v for k, v in group.items() if k != "lr_scale"}, "lr": lr * group.get("lr_scale", 1.0)}
+        if isinstance(group, dict)
+        else group
+        for group in params
+    ]
     if cfg.name == "radam_schedulefree":
         optimizer = schedulefree.RAdamScheduleFree(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     elif cfg.name == "adamw_schedulefree":
-        optimizer = schedulefree.AdamWScheduleFree(params, lr=lr, betas=tuple(cfg.betas),
-                                                   weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps)
+        optimizer = schedulefree.AdamWScheduleFree(
+            params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps
+        )
     elif cfg.name == "sgd_schedulefree":
-        optimizer = schedulefree.SGDScheduleFree(params, lr=lr, momentum=cfg.momentum,
-                                                 weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps)
+        optimizer = schedulefree.SGDScheduleFree(
+            params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps
+        )
     elif cfg.name == "sgd":
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                    nesterov=cfg.nesterov)
+        optimizer = torch.optim.SGD(
+            params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+        )
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, max_steps))
     else:
         optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -77,21 +85,25 @@ def lr_schedule(cfg: OptimConfig, max_steps: int):
 def warmup_polynomial(warmup_steps: int, max_steps: int, power: float):
     """LR multiplier: linear warmup to 1, then (1 - progress) ** power to 0 at max_steps (arcface_torch's
     PolynomialLRWarmup: without warmup, step 0 runs at the full lr)."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
         return max(0.0, 1.0 - progress) ** power
+
     return factor
 
 
 def warmup_cosine(warmup_steps: int, max_steps: int):
     """LR multiplier: linear warmup to 1, then cosine decay to 0 at max_steps."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
     return factor
 
 

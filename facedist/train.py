@@ -39,8 +39,17 @@ from facedist.evaluation.bins import TrainingBinEval
 from facedist.evaluation.validation import evaluate_validation, validation_index, wait_group
 from facedist.losses import Objective
 from facedist.model import build_model, preprocessing
-from facedist.optim import (build_optimizer, build_weight_average, clip_grads_, current_lr, evaluation_state_dict, grad_norm_squared,
-                            is_schedule_free, model_param_groups, recalibrate_batchnorm)
+from facedist.optim import (
+    build_optimizer,
+    build_weight_average,
+    clip_grads_,
+    current_lr,
+    evaluation_state_dict,
+    grad_norm_squared,
+    is_schedule_free,
+    model_param_groups,
+    recalibrate_batchnorm,
+)
 from facedist.preemption import StopRequest, process_group_kwargs, requeue_if_slurm
 from facedist.throughput import StepTimer
 
@@ -49,7 +58,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML config; defaults when omitted")
     parser.add_argument("--resume", help="'auto' (latest checkpoint in output_dir, if any) or a checkpoint path")
-    parser.add_argument("--force", action="store_true", help="resume even if the config changed what the checkpoint depends on")
+    parser.add_argument(
+        "--force", action="store_true", help="resume even if the config changed what the checkpoint depends on"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=3e-4")
     return parser.parse_args(argv)
 
@@ -93,7 +104,7 @@ def main(argv=None) -> int:
     try:
         cfg: Config = load_config(args.config, args.overrides)
     except ConfigError as err:
-        raise SystemExit(f"config error: {err}")
+        raise SystemExit(f"config error: {err}") from None
     output_dir = Path(cfg.output_dir)
     raise_open_file_limit()  # soft -> hard: shard files, sockets and workers' pipes all count
     stop = StopRequest()
@@ -104,11 +115,18 @@ def main(argv=None) -> int:
         mixed_precision=cfg.train.mixed_precision,
         kwargs_handlers=zero.process_group_kwargs(process_group_kwargs(cfg.train.timeout_s)),
     )
-    world, rank, device, is_main = accelerator.num_processes, accelerator.process_index, accelerator.device, accelerator.is_main_process
+    world, rank, device, is_main = (
+        accelerator.num_processes,
+        accelerator.process_index,
+        accelerator.device,
+        accelerator.is_main_process,
+    )
     if cfg.train.mixed_precision == "fp16" and accelerator.scaler is None and not zero.is_deepspeed(accelerator):
         # on CPU Accelerate gives neither fp16 autocast nor a loss scaler: the run would silently be fp32
-        raise SystemExit("train.mixed_precision: fp16 needs a GPU (on CPU, Accelerate has no fp16 autocast or "
-                         "loss scaler); use bf16 or no")
+        raise SystemExit(
+            "train.mixed_precision: fp16 needs a GPU (on CPU, Accelerate has no fp16 autocast or "
+            "loss scaler); use bf16 or no"
+        )
     set_seed(cfg.train.seed)  # identical initial weights on every rank
 
     # --- data: random access into shards; rank r loads slice r of each global batch
@@ -134,8 +152,9 @@ def main(argv=None) -> int:
         adarand, adarand_optimizer = build_adarand(cfg, train_index.num_classes, world, rank, device)
     objective = Objective(cfg.loss, head, adarand)
     side_optimizers = [opt for opt in (head_optimizer, adarand_optimizer) if opt is not None]  # outside DDP/ZeRO
-    optimizer, scheduler = build_optimizer(model_param_groups(model, cfg.optim.backbone_lr_scale), cfg.optim,
-                                           cfg.train.max_steps)
+    optimizer, scheduler = build_optimizer(
+        model_param_groups(model, cfg.optim.backbone_lr_scale), cfg.optim, cfg.train.max_steps
+    )
     fingerprint = load_manifest(cfg.data.shards)["splits"][cfg.data.split_train]["index_sha256"]
     dependencies = checkpoint.dependencies(cfg, train_index.num_classes, fingerprint)
 
@@ -145,8 +164,11 @@ def main(argv=None) -> int:
     # --- resume: weights and optimizer state before `prepare`, then the loop continues at the saved step
     start_step, resume_from, superseded = 0, None, None
     if args.resume:
-        resume_from = (checkpoint.latest_checkpoint(output_dir) if args.resume == "auto"
-                       else checkpoint.resolve_checkpoint(args.resume))
+        resume_from = (
+            checkpoint.latest_checkpoint(output_dir)
+            if args.resume == "auto"
+            else checkpoint.resolve_checkpoint(args.resume)
+        )
     if resume_from is not None:
         meta = checkpoint.check_compatible(resume_from, dependencies, args.force)
         zero.check_resume(accelerator, resume_from, meta)
@@ -171,8 +193,9 @@ def main(argv=None) -> int:
     if resume_from is None and adarand is not None:
         # class Gaussians from the pretrained model's features of this rank's classes
         own = adarand.own_samples(train_index.class_offsets)
-        loader = make_eval_loader(train_index, prep, cfg.eval.batch_size, num_workers=cfg.data.num_workers,
-                                  samples=range(own.start, own.stop))
+        loader = make_eval_loader(
+            train_index, prep, cfg.eval.batch_size, num_workers=cfg.data.num_workers, samples=range(own.start, own.stop)
+        )
         model.eval()
         with torch.no_grad(), accelerator.autocast():
             adarand.init_from_features((model(images.to(device)).float(), labels) for images, labels, _ in loader)
@@ -202,15 +225,24 @@ def main(argv=None) -> int:
     def evaluation_model() -> torch.nn.Module:
         """A copy at the evaluation weights, BN statistics recalibrated there (ScheduleFree); training untouched."""
         eval_model = copy.deepcopy(raw_model)
-        eval_model.load_state_dict(zero.evaluation_state_dict(raw_model, optimizer)
-                                   if zero.is_deepspeed(accelerator) and average is None
-                                   else evaluation_state_dict(raw_model, optimizer, average))
+        eval_model.load_state_dict(
+            zero.evaluation_state_dict(raw_model, optimizer)
+            if zero.is_deepspeed(accelerator) and average is None
+            else evaluation_state_dict(raw_model, optimizer, average)
+        )
         # each rank's BN statistics are its own batches' (DDP broadcasts rank 0's only before a forward, ZeRO
         # never): every rank evaluates rank 0's, which the checkpoint holds
         distributed.broadcast_float_buffers(eval_model)
         if is_schedule_free(optimizer) and cfg.model.bn != "frozen" and cfg.eval.bn_recal_batches > 0:
-            recal = make_train_loader(train_index, dataclasses.replace(cfg.data, num_workers=0), prep, world, rank,
-                                      cfg.train.seed + 1, start_step=0)
+            recal = make_train_loader(
+                train_index,
+                dataclasses.replace(cfg.data, num_workers=0),
+                prep,
+                world,
+                rank,
+                cfg.train.seed + 1,
+                start_step=0,
+            )
             batches = itertools.islice(recal, cfg.eval.bn_recal_batches)
             with accelerator.autocast():
                 recalibrate_batchnorm(eval_model, (to_model_input(batch)[0] for batch in batches))
@@ -218,8 +250,18 @@ def main(argv=None) -> int:
 
     def evaluate(eval_model, step: int) -> dict | None:
         """Validation metrics (rank 0; {} elsewhere), or None when a stop signal came meanwhile (abandoned)."""
-        return evaluate_validation(eval_model, val_index, cfg, prep, device, accelerator.autocast, step,
-                                   log.tensorboard if is_main else None, eval_group, lambda: stop.should_stop(device))
+        return evaluate_validation(
+            eval_model,
+            val_index,
+            cfg,
+            prep,
+            device,
+            accelerator.autocast,
+            step,
+            log.tensorboard if is_main else None,
+            eval_group,
+            lambda: stop.should_stop(device),
+        )
 
     def save(step: int, eval_model: torch.nn.Module) -> None:
         train_state = {
@@ -265,10 +307,14 @@ def main(argv=None) -> int:
                 accelerator.scaler.unscale_(side_optimizer)
         # one global norm over backbone + head shards (AdaRand's means follow their own objective, unclipped);
         # the head's share, the finiteness flags and the stop request travel in ONE all-reduce, read once
-        backbone_norm_squared = (zero.backbone_grad_norm_squared(model) if zero.is_deepspeed(accelerator)
-                                 else grad_norm_squared(raw_model.parameters()))
-        head_norm_squared = flags.reduce(logged["loss"], backbone_norm_squared, grad_norm_squared(head_params),
-                                         stop.requested)
+        backbone_norm_squared = (
+            zero.backbone_grad_norm_squared(model)
+            if zero.is_deepspeed(accelerator)
+            else grad_norm_squared(raw_model.parameters())
+        )
+        head_norm_squared = flags.reduce(
+            logged["loss"], backbone_norm_squared, grad_norm_squared(head_params), stop.requested
+        )
         grad_norm = (backbone_norm_squared.to(device) + head_norm_squared).sqrt()
         if zero.is_deepspeed(accelerator):  # DeepSpeed clipped and stepped (or skipped) the backbone in backward
             clip_grads_(head_params, head_norm_squared.sqrt(), cfg.optim.grad_clip)
@@ -281,10 +327,14 @@ def main(argv=None) -> int:
                 accelerator.scaler.update(accelerator.scaler.get_scale() * accelerator.scaler.get_backoff_factor())
             else:
                 nonfinite_in_a_row += 1
-                accelerator.print(f"step {step + 1}: non-finite loss or gradient, step skipped ({nonfinite_in_a_row} in a row)")
+                accelerator.print(
+                    f"step {step + 1}: non-finite loss or gradient, step skipped ({nonfinite_in_a_row} in a row)"
+                )
                 if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                    raise SystemExit(f"stopping: {nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_steps); "
-                                     "lower optim.lr, enable optim.grad_clip or use bf16 instead of fp16")
+                    raise SystemExit(
+                        f"stopping: {nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_steps); "
+                        "lower optim.lr, enable optim.grad_clip or use bf16 instead of fp16"
+                    )
             for opt in (optimizer, *side_optimizers):
                 opt.zero_grad(set_to_none=True)
         else:
@@ -307,21 +357,34 @@ def main(argv=None) -> int:
         record = None
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:  # the only step that reads values
             values = dict(zip([*logged, "grad_norm"], torch.stack([*logged.values(), grad_norm]).tolist()))
-            record = {"step": step, "epoch": (step - 1) // steps_per_epoch, **values, "lr": current_lr(optimizer),
-                      **timer.read(len(labels) * world), "memory_mb": memory_mb(device),
-                      "nonfinite_in_a_row": nonfinite_in_a_row}
+            record = {
+                "step": step,
+                "epoch": (step - 1) // steps_per_epoch,
+                **values,
+                "lr": current_lr(optimizer),
+                **timer.read(len(labels) * world),
+                "memory_mb": memory_mb(device),
+                "nonfinite_in_a_row": nonfinite_in_a_row,
+            }
             progress.set_postfix(loss=f"{record['loss']:.4f}")
         stopping = stop.agree(flags.stop)
         # stopping: checkpoint at once (Slurm's KillWait), no evaluation
-        eval_due = not stopping and val_index is not None and (step % cfg.eval.every == 0 or step == cfg.train.max_steps)
-        ckpt_due = stopping or step == cfg.train.max_steps or (cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0)
+        eval_due = (
+            not stopping and val_index is not None and (step % cfg.eval.every == 0 or step == cfg.train.max_steps)
+        )
+        ckpt_due = (
+            stopping or step == cfg.train.max_steps or (cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0)
+        )
         if eval_due or ckpt_due:
             eval_model = evaluation_model()
             if eval_due:
                 evaluated = evaluate(eval_model, step)
                 stopping = evaluated is None  # a stop signal during the evaluation: abandoned, checkpoint now
-                record = {**(record or {"step": step, "epoch": (step - 1) // steps_per_epoch}), **(evaluated or {}),
-                          **(bin_eval(eval_model) if evaluated is not None else {})}
+                record = {
+                    **(record or {"step": step, "epoch": (step - 1) // steps_per_epoch}),
+                    **(evaluated or {}),
+                    **(bin_eval(eval_model) if evaluated is not None else {}),
+                }
             if ckpt_due or stopping:
                 save(step, eval_model)
             del eval_model

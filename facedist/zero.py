@@ -69,14 +69,18 @@ def configure(accelerator, cfg, optimizer) -> None:
     zero = ds.get("zero_optimization", {})
     stage = zero.get("stage")
     if stage not in (1, 2):
-        raise SystemExit(f"deepspeed: zero_stage {stage} is not supported, use 1 or 2 (launch/deepspeed_zero1.yaml, "
-                         "deepspeed_zero2.yaml); stage 3 partitions the weights, which evaluation and export read whole")
+        raise SystemExit(
+            f"deepspeed: zero_stage {stage} is not supported, use 1 or 2 (launch/deepspeed_zero1.yaml, "
+            "deepspeed_zero2.yaml); stage 3 partitions the weights, which evaluation and export read whole"
+        )
     for key in ("offload_optimizer", "offload_param"):
         if zero.get(key, {}).get("device", "none") not in ("none", None):
             raise SystemExit(f"deepspeed: {key}_device must be none (facedist's optimizers run where the weights are)")
     if cfg.train.mixed_precision == "fp16":
-        raise SystemExit("train.mixed_precision: fp16 is not supported with DeepSpeed, use bf16 or no "
-                         "(DeepSpeed's loss scaler skips steps facedist would count as non-finite)")
+        raise SystemExit(
+            "train.mixed_precision: fp16 is not supported with DeepSpeed, use bf16 or no "
+            "(DeepSpeed's loss scaler skips steps facedist would count as non-finite)"
+        )
     per_process = cfg.data.images_per_step()
     ds["train_micro_batch_size_per_gpu"] = per_process
     ds["gradient_accumulation_steps"] = 1
@@ -135,6 +139,7 @@ def checkpoint_files(engine, rank: int) -> dict:
     optimizer partition and fp32 master weights; the weights and engine counters on rank 0) next to it,
     and the path receives a note that this rank finished. All ranks write between the same barriers, so the
     collective save lines up; the checkpoint counts as written only once the writer renames the folder."""
+
     def write(tmp: Path) -> None:
         engine.save_checkpoint(str(tmp.parent), tag=_TAG)
         tmp.write_text(f"rank {rank} saved its ZeRO partition under {_TAG}/\n")
@@ -147,19 +152,23 @@ def check_resume(accelerator, checkpoint_dir: Path, meta: dict) -> None:
     different number of processes."""
     has_zero = (checkpoint_dir / DEEPSPEED_DIR).is_dir()
     if is_deepspeed(accelerator) and not has_zero:
-        raise CheckpointError(f"resume: {checkpoint_dir} was written without DeepSpeed; resume it without "
-                              "a DeepSpeed launch config")
+        raise CheckpointError(
+            f"resume: {checkpoint_dir} was written without DeepSpeed; resume it without a DeepSpeed launch config"
+        )
     if has_zero and not is_deepspeed(accelerator):
-        raise CheckpointError(f"resume: {checkpoint_dir} holds DeepSpeed ZeRO optimizer state; resume it with "
-                              "launch/deepspeed_zero1.yaml or deepspeed_zero2.yaml")
+        raise CheckpointError(
+            f"resume: {checkpoint_dir} holds DeepSpeed ZeRO optimizer state; resume it with "
+            "launch/deepspeed_zero1.yaml or deepspeed_zero2.yaml"
+        )
     if has_zero and meta.get("world_size") != accelerator.num_processes:
-        raise CheckpointError(f"resume: {checkpoint_dir} was written by {meta.get('world_size')} DeepSpeed processes, "
-                              f"this run has {accelerator.num_processes}; ZeRO partitions need the same number")
+        raise CheckpointError(
+            f"resume: {checkpoint_dir} was written by {meta.get('world_size')} DeepSpeed processes, "
+            f"this run has {accelerator.num_processes}; ZeRO partitions need the same number"
+        )
 
 
 def load_checkpoint(engine, checkpoint_dir: Path) -> None:
     """After `prepare`: this rank's optimizer partition and fp32 master weights from `checkpoint_files`."""
-    load_path, _ = engine.load_checkpoint(str(checkpoint_dir / DEEPSPEED_DIR), tag=_TAG,
-                                          load_lr_scheduler_states=False)
+    load_path, _ = engine.load_checkpoint(str(checkpoint_dir / DEEPSPEED_DIR), tag=_TAG, load_lr_scheduler_states=False)
     if load_path is None:
         raise CheckpointError(f"resume: {checkpoint_dir / DEEPSPEED_DIR} holds no readable DeepSpeed state")

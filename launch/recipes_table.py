@@ -51,9 +51,13 @@ def acceptance(out: Path, splits: list[str]) -> list[str]:
                 gain = sum(a) / len(a) - sum(b) / len(b)
                 spread = 3 * max(max(a) - min(a), max(b) - min(b))
                 std = 3 * max(statistics.stdev(a), statistics.stdev(b))
-                parts.append(f"{key} {gain:+.3f} vs 3 x spread {spread:.3f}: {verdict(gain, spread)}, "
-                             f"vs 3 x std {std:.3f}: {verdict(gain, std)}")
-            lines.append(f"- split {split}, recipe ({len(recipe)} seeds) vs {seed_name} ({len(seed)} seeds): " + "; ".join(parts))
+                parts.append(
+                    f"{key} {gain:+.3f} vs 3 x spread {spread:.3f}: {verdict(gain, spread)}, "
+                    f"vs 3 x std {std:.3f}: {verdict(gain, std)}"
+                )
+            lines.append(
+                f"- split {split}, recipe ({len(recipe)} seeds) vs {seed_name} ({len(seed)} seeds): " + "; ".join(parts)
+            )
     return lines
 
 
@@ -64,8 +68,14 @@ def main(argv: list[str]) -> int:
     print("|---|---|---|" + "---|" * len(METRICS) + "---|")
     for name, what in pairs:
         for split in splits:
-            for file, label, about in (("test_noflip.json", f"{name}, no flip TTA", f"{name}'s weights embedded without flip TTA (= {name} minus eval.flip)"),
-                                       ("test.json", name, what)):
+            for file, label, about in (
+                (
+                    "test_noflip.json",
+                    f"{name}, no flip TTA",
+                    f"{name}'s weights embedded without flip TTA (= {name} minus eval.flip)",
+                ),
+                ("test.json", name, what),
+            ):
                 found = reports(out, split, name, file)
                 if found:
                     cells = [cell([r[key] for r in found if r[key] is not None]) for key, _ in METRICS]

@@ -29,8 +29,10 @@ def face_relief(height: int, width: int) -> np.ndarray:
     r2 = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2
     head = 0.5 * width * np.sqrt(np.clip(1 - r2, 0, None))
     nose = 9.0 * np.exp(-(((x - cx) / 4.5) ** 2 + ((y - height * 0.58) / 11.0) ** 2))
-    eyes = sum(5.0 * np.exp(-(((x - ex) / 8.0) ** 2 + ((y - height * 0.45) / 5.0) ** 2))
-               for ex in (cx - width * 0.2, cx + width * 0.2))
+    eyes = sum(
+        5.0 * np.exp(-(((x - ex) / 8.0) ** 2 + ((y - height * 0.45) / 5.0) ** 2))
+        for ex in (cx - width * 0.2, cx + width * 0.2)
+    )
     return head + nose - eyes
 
 
@@ -52,8 +54,9 @@ def cast_shadow(relief: np.ndarray, azimuth: float, elevation: float, steps: int
     return lit.astype(np.float64)
 
 
-def relight(grey: np.ndarray, rng: np.random.Generator, max_azimuth: float = 75, elevations=(-25, 45),
-            ambients=(0.03, 0.15)) -> np.ndarray:
+def relight(
+    grey: np.ndarray, rng: np.random.Generator, max_azimuth: float = 75, elevations=(-25, 45), ambients=(0.03, 0.15)
+) -> np.ndarray:
     """One relit uint8 image from an ORL uint8 image, light and gamma drawn from `rng` (degrees)."""
     azimuth = np.radians(rng.uniform(-max_azimuth, max_azimuth))
     elevation = np.radians(rng.uniform(*elevations))
@@ -80,8 +83,9 @@ def main(argv=None) -> int:
     parser.add_argument("--elevation", type=float, nargs=2, default=(-25, 45), help="elevation U(LOW, HIGH) degrees")
     parser.add_argument("--ambient", type=float, nargs=2, default=(0.03, 0.15), help="ambient term U(LOW, HIGH)")
     args = parser.parse_args(argv)
-    identities = sorted((p for p in args.orl.iterdir() if p.is_dir() and p.name.startswith("s")),
-                        key=lambda p: int(p.name[1:]))
+    identities = sorted(
+        (p for p in args.orl.iterdir() if p.is_dir() and p.name.startswith("s")), key=lambda p: int(p.name[1:])
+    )
     if not identities:
         raise SystemExit(f"{args.orl}: no ORL identity folders (s1, s2, ...)")
     for folder in identities:

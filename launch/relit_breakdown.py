@@ -42,9 +42,11 @@ def breakdown(embeddings: np.ndarray, identities, paths, far: float = 1e-2) -> d
         labels = np.r_[np.ones(group.sum()), np.zeros(len(impostor))]
         values = np.r_[scores[group], impostor]
         false_accepts, true_accepts, _ = roc_curve(labels, values)
-        result[name] = {"auc": float(roc_auc_score(labels, values)),
-                        f"tar@far={far:.0e}": float(np.interp(far, false_accepts, true_accepts)),
-                        "pairs": int(group.sum())}
+        result[name] = {
+            "auc": float(roc_auc_score(labels, values)),
+            f"tar@far={far:.0e}": float(np.interp(far, false_accepts, true_accepts)),
+            "pairs": int(group.sum()),
+        }
     result["impostor_pairs"] = int(len(impostor))
     return result
 
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(json.dumps(breakdown(*read_embeddings(args.embeddings))))
     except ValueError as err:
-        raise SystemExit(f"{args.embeddings}: {err}")
+        raise SystemExit(f"{args.embeddings}: {err}") from None
     return 0
 
 

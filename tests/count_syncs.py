@@ -33,15 +33,46 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
-ALWAYS_SYNC = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
-               aten._unique.default, aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
-               aten.unique_dim_consecutive.default, aten.bincount.default, aten.equal.default,
-               aten.is_nonzero.default, aten.repeat_interleave.Tensor}
+ALWAYS_SYNC = {
+    aten._local_scalar_dense.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten._unique.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.unique_consecutive.default,
+    aten.unique_dim_consecutive.default,
+    aten.bincount.default,
+    aten.equal.default,
+    aten.is_nonzero.default,
+    aten.repeat_interleave.Tensor,
+}
 BOOL_INDEXED = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
-               "reduce_scatter_tensor", "reduce_scatter_single", "broadcast", "reduce", "all_to_all",
-               "all_to_all_single", "barrier", "monitored_barrier", "gather", "scatter", "all_gather_object",
-               "broadcast_object_list", "gather_object", "scatter_object_list", "send", "recv", "isend", "irecv")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_single",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "reduce_scatter_single",
+    "broadcast",
+    "reduce",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "monitored_barrier",
+    "gather",
+    "scatter",
+    "all_gather_object",
+    "broadcast_object_list",
+    "gather_object",
+    "scatter_object_list",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+)
 
 
 def _is_sync(func, args, kwargs) -> bool:
@@ -84,6 +115,7 @@ class SyncCounter(TorchDispatchMode):
             if not self.paused:
                 self.counts[name] += 1
             return method(tensor, *args, **kwargs)
+
         return counted
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -114,6 +146,7 @@ class CollectiveCounter:
                 return fn(*args, **kwargs)
             finally:
                 self._depth -= 1
+
         return counted
 
 
@@ -123,6 +156,7 @@ def _exclude_optimizer_step_counters(counter: SyncCounter) -> None:
             step = state.get("step") if isinstance(state, dict) else None
             if torch.is_tensor(step) and step.device.type == "cpu":
                 counter.exclude.add(step.data_ptr())
+
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     register_optimizer_step_pre_hook(hook)

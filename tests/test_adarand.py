@@ -39,8 +39,11 @@ def pretrained_features():
     """(features, labels, class_offsets) of a small training set sorted by class: PER_CLASS images each."""
     g = torch.Generator().manual_seed(11)
     labels = torch.arange(C).repeat_interleave(PER_CLASS)
-    return torch.randn(C * PER_CLASS, D, generator=g) * 2 + labels[:, None] * 0.1, labels, \
-        np.searchsorted(labels.numpy(), np.arange(C + 1))
+    return (
+        torch.randn(C * PER_CLASS, D, generator=g) * 2 + labels[:, None] * 0.1,
+        labels,
+        np.searchsorted(labels.numpy(), np.arange(C + 1)),
+    )
 
 
 def batch(step: int):
@@ -57,7 +60,7 @@ def train(rank: int, world_size: int, folder=None) -> dict:
     adarand, optimizer = build_adarand(make_config(), C, world_size, rank)
     features, labels, offsets = pretrained_features()
     own = adarand.own_samples(offsets)
-    adarand.init_from_features([(features[own.start:own.stop], labels[own.start:own.stop])])
+    adarand.init_from_features([(features[own.start : own.stop], labels[own.start : own.stop])])
     record = defaultdict(list)
     record["initial_means"], record["std"] = adarand.means.detach().clone(), adarand.std.clone()
     backbone = torch.nn.Parameter(backbone_init())
@@ -93,7 +96,9 @@ def reference_run() -> dict:
     std = per_class.std(1, unbiased=False)
     record = defaultdict(list)
     record["initial_means"], record["std"] = means.detach().clone(), std
-    optimizer = torch.optim.AdamW([means], lr=cfg.optim.lr * cfg.loss.head_lr_scale, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [means], lr=cfg.optim.lr * cfg.loss.head_lr_scale, weight_decay=cfg.optim.weight_decay
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim.warmup_steps, cfg.train.max_steps))
     backbone = torch.nn.Parameter(backbone_init())
     sgd = torch.optim.SGD([backbone], lr=0.1)
@@ -136,7 +141,11 @@ def compare(per_rank: list[dict], expected: dict) -> None:
             assert torch.equal(result["value"][step], per_rank[0]["value"][step]), "value differs between ranks"
             close(result["backbone_grad"][step], expected["backbone_grad"][step], f"step {step} backbone grad")
         close(per_rank[0]["value"][step], expected["value"][step], f"step {step} regulariser")
-        close(torch.cat([r["means_grad"][step] for r in per_rank]), expected["means_grad"][step], f"step {step} means grad")
+        close(
+            torch.cat([r["means_grad"][step] for r in per_rank]),
+            expected["means_grad"][step],
+            f"step {step} means grad",
+        )
     close(torch.cat([r["means"] for r in per_rank]), expected["means"], "means after the steps")
     close(per_rank[0]["backbone"], expected["backbone"], "backbone after the steps")
 

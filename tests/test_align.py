@@ -22,8 +22,7 @@ def test_similarity_transform_maps_points_and_keeps_shape():
     for _ in range(20):
         src, dst = rng.uniform(0, 200, (2, 2)), rng.uniform(0, 200, (2, 2))
         matrix = similarity_transform(src, dst)
-        apply = lambda p: matrix[:, :2] @ p + matrix[:, 2]  # noqa: E731
-        np.testing.assert_allclose([apply(p) for p in src], dst, atol=1e-9)
+        np.testing.assert_allclose([matrix[:, :2] @ p + matrix[:, 2] for p in src], dst, atol=1e-9)
         linear = matrix[:, :2]
         np.testing.assert_allclose(linear @ linear.T, np.eye(2) * np.linalg.det(linear), atol=1e-9)  # no shear
 
@@ -91,8 +90,12 @@ def test_shards_build_align_stores_aligned_crops_and_reports_images_without_a_fa
     flat = np.random.default_rng(0).integers(90, 110, (112, 92), dtype=np.uint8)
     Image.fromarray(flat).save(src / "s1" / "flat.png")
     out = tmp_path / "shards"
-    assert shards_main(["build", str(src), str(out), "--align", "--size", "64", "--format", "png", "--workers", "1",
-                        "--quiet"]) == 0
+    assert (
+        shards_main(
+            ["build", str(src), str(out), "--align", "--size", "64", "--format", "png", "--workers", "1", "--quiet"]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["skipped_files"] == [{"path": "s1/flat.png", "reason": "no face found (--align)"}]
     index = ShardIndex(out, "train")

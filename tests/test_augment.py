@@ -37,7 +37,7 @@ def test_warp_keeps_aspect_and_has_no_black_corners():
         linear = draw.matrix[:, :2]
         singular = np.linalg.svd(linear, compute_uv=False)
         np.testing.assert_allclose(singular[0], singular[1], rtol=1e-12)  # same scale on both axes: aspect kept
-        assert 0.8 ** 0.5 * 40 / 40 - 1e-9 <= singular[0] <= 1 + 1e-9  # zoom in by at most 1/sqrt(crop_scale_min)
+        assert 0.8**0.5 * 40 / 40 - 1e-9 <= singular[0] <= 1 + 1e-9  # zoom in by at most 1/sqrt(crop_scale_min)
         out = aug.warp(image, draw.matrix, 40)
         assert out.dtype == np.uint8 and out.shape == (3, 40, 40) and out.min() > 0  # border replicated, not black
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
+from tiny_model import save_tiny_model
 
 import facedist  # noqa: F401  (torchvision compat before timm)
-import timm
 from facedist.backbones import FACE_BACKBONES
 from facedist.config import ModelConfig
 from facedist.model import build_model, preprocessing
-from tiny_model import save_tiny_model
 
 LISTING = json.loads((Path(__file__).parent / "data" / "insightface_state_dicts.json").read_text())["backbones"]
 NARROW = "iresnet18_narrow"

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_model import save_tiny_model
 
 from facedist.evaluation import bins
 from facedist.evaluation.cli import main as eval_main
 from facedist.inference import preprocess
-from tiny_model import save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,9 @@ def test_write_and_read_round_trip_exact_bytes(tmp_path):
 def test_numpy_byte_arrays_and_python2_strings_load(tmp_path):
     encoded = [_jpeg(a) for a in _images(4)]
     # what re-dumped sets hold: numpy uint8 arrays of the encoded bytes and a numpy bool array
-    (tmp_path / "np.bin").write_bytes(pickle.dumps(([np.frombuffer(e, np.uint8) for e in encoded],
-                                                    np.array([True, False])), protocol=4))
+    (tmp_path / "np.bin").write_bytes(
+        pickle.dumps(([np.frombuffer(e, np.uint8) for e in encoded], np.array([True, False])), protocol=4)
+    )
     images, issame = bins.read_bin(tmp_path / "np.bin")
     assert images == encoded and issame.tolist() == [True, False]
     # Python 2's pickle of str (the original files): BINSTRING opcodes, read as bytes
@@ -66,9 +67,11 @@ class _Evil:
 @pytest.mark.parametrize("payload", ["reduce", "object_array", "set"])
 def test_pickles_asking_for_other_types_are_refused_with_one_line(tmp_path, payload):
     marker = tmp_path / "pwned"
-    data = {"reduce": ([_Evil(str(marker)), b"x"], [True]),
-            "object_array": (np.array([_Evil(str(marker)), b"x"], dtype=object), [True]),
-            "set": ([b"a", b"b"], {True})}[payload]
+    data = {
+        "reduce": ([_Evil(str(marker)), b"x"], [True]),
+        "object_array": (np.array([_Evil(str(marker)), b"x"], dtype=object), [True]),
+        "set": ([b"a", b"b"], {True}),
+    }[payload]
     (tmp_path / "evil.bin").write_bytes(pickle.dumps(data, protocol=2))
     with pytest.raises(bins.BinFormatError) as err:
         bins.read_bin(tmp_path / "evil.bin")
@@ -76,14 +79,17 @@ def test_pickles_asking_for_other_types_are_refused_with_one_line(tmp_path, payl
     assert not marker.exists()  # nothing ran
 
 
-@pytest.mark.parametrize("content, needle", [
-    (pickle.dumps(([b"a", b"b", b"c"], [True]), protocol=2), "3 images for 1 pairs"),
-    (pickle.dumps(([b"a", b"b"], [1]), protocol=2), "booleans"),
-    (pickle.dumps(([b"a", 7], [True]), protocol=2), "image 1 is a int"),
-    (pickle.dumps([b"a"], protocol=2), "expected a pickle of (bins, issame_list)"),
-    (pickle.dumps(([b"a", b"b"], [True]), protocol=2)[:-5], "not a readable .bin"),
-    (b"", "not a readable .bin"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (pickle.dumps(([b"a", b"b", b"c"], [True]), protocol=2), "3 images for 1 pairs"),
+        (pickle.dumps(([b"a", b"b"], [1]), protocol=2), "booleans"),
+        (pickle.dumps(([b"a", 7], [True]), protocol=2), "image 1 is a int"),
+        (pickle.dumps([b"a"], protocol=2), "expected a pickle of (bins, issame_list)"),
+        (pickle.dumps(([b"a", b"b"], [True]), protocol=2)[:-5], "not a readable .bin"),
+        (b"", "not a readable .bin"),
+    ],
+)
 def test_bad_bin_files_are_one_clear_error(tmp_path, content, needle):
     (tmp_path / "bad.bin").write_bytes(content)
     with pytest.raises(bins.BinFormatError, match=None) as err:
@@ -129,7 +135,9 @@ def test_fit_square_resizes_the_shorter_side_then_centre_crops():
 
 def _reference_embeddings(model, pre, encoded):
     size = int(pre["image_size"])
-    x = torch.stack([preprocess(bins.fit_square(Image.open(io.BytesIO(data)).convert("RGB"), size), pre) for data in encoded])
+    x = torch.stack(
+        [preprocess(bins.fit_square(Image.open(io.BytesIO(data)).convert("RGB"), size), pre) for data in encoded]
+    )
     with torch.no_grad():
         return torch.nn.functional.normalize(model(x) + model(x.flip(-1)), dim=1).numpy()
 
@@ -155,8 +163,23 @@ def test_facedist_eval_bin_writes_reports_anyone_can_recompute(tiny, tmp_path, s
     bins.write_bin_from_folder(synth_tree, tmp_path / "lfw.bin", num_pairs=30, seed=0)
     bins.write_bin(tmp_path / "cfp_fp.bin", [_jpeg(a) for a in _images(20)], np.arange(10) % 2 == 0)
     out = tmp_path / "out"
-    assert eval_main(["--checkpoint", str(model_file), "--bin", str(tmp_path / "lfw.bin"),
-                      "--bin", str(tmp_path / "cfp_fp.bin"), "--out", str(out), "--num-workers", "0"]) == 0
+    assert (
+        eval_main(
+            [
+                "--checkpoint",
+                str(model_file),
+                "--bin",
+                str(tmp_path / "lfw.bin"),
+                "--bin",
+                str(tmp_path / "cfp_fp.bin"),
+                "--out",
+                str(out),
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     for name, pairs in (("lfw", 30), ("cfp_fp", 10)):
         metrics = json.loads((out / name / "metrics.json").read_text())
         assert (out / name / "roc.png").stat().st_size > 0
@@ -179,12 +202,29 @@ def test_facedist_eval_refuses_an_unsafe_bin_in_one_line(tiny, tmp_path):
 def test_training_logs_bin_accuracy_and_keeps_the_best(synth_shards, synth_tree, tmp_path):
     bins.write_bin_from_folder(synth_tree, tmp_path / "lfw.bin", num_pairs=20, seed=0)
     out = tmp_path / "run"
-    args = ["model.backbone=resnet10t", "model.embedding_dim=16", "model.image_size=32", "data.num_workers=0",
-            f"data.shards={synth_shards}", "train.max_steps=2", "train.log_every=2", "eval.every=2",
-            "checkpoint.every=0", "eval.bn_recal_batches=1", "data.classes_per_batch=4", "data.images_per_class=2",
-            f"eval.bins=[{tmp_path / 'lfw.bin'}]", f"output_dir={out}", "optim.lr=1e-2"]
-    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "facedist" / "train.py"), *args],
-                          capture_output=True, text=True, timeout=600)
+    args = [
+        "model.backbone=resnet10t",
+        "model.embedding_dim=16",
+        "model.image_size=32",
+        "data.num_workers=0",
+        f"data.shards={synth_shards}",
+        "train.max_steps=2",
+        "train.log_every=2",
+        "eval.every=2",
+        "checkpoint.every=0",
+        "eval.bn_recal_batches=1",
+        "data.classes_per_batch=4",
+        "data.images_per_class=2",
+        f"eval.bins=[{tmp_path / 'lfw.bin'}]",
+        f"output_dir={out}",
+        "optim.lr=1e-2",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).parents[1] / "facedist" / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evaluated = [r for r in records if "lfw_acc" in r]
@@ -212,8 +252,15 @@ def test_eval_bins_config_is_validated():
 
 def test_best_accuracy_survives_a_resume(tmp_path):
     log = tmp_path / "metrics.jsonl"
-    log.write_text("".join(json.dumps(r) + "\n" for r in [{"step": 0, "lfw_acc": 0.6, "lfw_acc_best": 0.6},
-                                                          {"step": 2, "lfw_acc": 0.5, "lfw_acc_best": 0.6}]))
+    log.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"step": 0, "lfw_acc": 0.6, "lfw_acc_best": 0.6},
+                {"step": 2, "lfw_acc": 0.5, "lfw_acc_best": 0.6},
+            ]
+        )
+    )
     evaluator = bins.TrainingBinEval([], {}, 8, 0)
     evaluator.restore_best(log)
     assert evaluator.best == {"lfw_acc": 0.6}

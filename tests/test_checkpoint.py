@@ -9,10 +9,21 @@ import time
 import pytest
 import torch
 
+from facedist.checkpoint import (
+    CheckpointError,
+    CheckpointWriter,
+    check_compatible,
+    dependencies,
+    latest_checkpoint,
+    list_checkpoints,
+    load_embedding_model,
+    load_torch,
+    resolve_checkpoint,
+    save_embedding_model,
+    save_torch,
+)
 from facedist.config import Config, ModelConfig
 from facedist.model import build_model, preprocessing
-from facedist.checkpoint import (CheckpointError, load_embedding_model, save_embedding_model, CheckpointWriter, check_compatible, latest_checkpoint,
-                                 dependencies, list_checkpoints, load_torch, resolve_checkpoint, save_torch)
 
 
 def _writer(tmp_path, keep=2):
@@ -20,9 +31,12 @@ def _writer(tmp_path, keep=2):
 
 
 def _save(writer, step):
-    return writer.save(step, {"dependencies": {"model.backbone": "b"}},
-                       {"train_state.pt": save_torch({"step": torch.tensor(step)})},
-                       {"head/rank0.pt": save_torch({"rows": torch.arange(3)})})
+    return writer.save(
+        step,
+        {"dependencies": {"model.backbone": "b"}},
+        {"train_state.pt": save_torch({"step": torch.tensor(step)})},
+        {"head/rank0.pt": save_torch({"rows": torch.arange(3)})},
+    )
 
 
 def test_save_keeps_last_k_and_loads_weights_only(tmp_path):
@@ -113,6 +127,7 @@ def _fsynced_paths(monkeypatch) -> list[str]:
     def fsync(fd):
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
+
     monkeypatch.setattr(os, "fsync", fsync)
     return synced
 
@@ -123,10 +138,10 @@ def test_publishing_renames_are_followed_by_a_directory_fsync(tmp_path, monkeypa
     assert synced[-1] == str(final.parent)  # the rename of .step_...partial into checkpoints/
     partial = final.parent / f".{final.name}.partial"
     assert str(partial) in synced and str(partial / "head") in synced  # the files' renames inside it
-    from facedist.data.shards import atomic_write_bytes
+    from facedist.durable import write_bytes_atomic
 
     synced.clear()
-    atomic_write_bytes(tmp_path / "shard.tar", b"x")
+    write_bytes_atomic(tmp_path / "shard.tar", b"x")
     assert synced[-1] == str(tmp_path)
 
 

@@ -8,8 +8,16 @@ from facedist.config import Config, ConfigError, config_from_dict, load_config
 def test_defaults_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 0.01\ndata:\n  classes_per_batch: 4\n")
-    cfg = load_config(path, ["optim.lr=3e-4", "train.max_steps=20", "model.pretrained=w.safetensors",
-                             "optim.betas=[0.8, 0.99]", "data.augment.hflip=false"])
+    cfg = load_config(
+        path,
+        [
+            "optim.lr=3e-4",
+            "train.max_steps=20",
+            "model.pretrained=w.safetensors",
+            "optim.betas=[0.8, 0.99]",
+            "data.augment.hflip=false",
+        ],
+    )
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.data.classes_per_batch == 4
     assert cfg.train.max_steps == 20
@@ -24,22 +32,25 @@ def test_round_trip_through_dict():
     assert config_from_dict(cfg.to_dict()) == cfg
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("optim.name=adam", "optim.name: 'adam' is not one of radam_schedulefree"),
-    ("optim.nme=adamw_cosine", "optim.nme"),
-    ("nothing.here=1", "nothing"),
-    ("train.max_steps=ten", "train.max_steps"),
-    ("train.max_steps=0", "train.max_steps: must be > 0"),
-    ("train.mixed_precision=fp8", "train.mixed_precision: 'fp8' is not one of no, bf16, fp16"),
-    ("model.bn=group", "model.bn"),
-    ("loss.sample_rate=1.5", "loss.sample_rate"),
-    ("optim.backbone_lr_scale=0", "optim.backbone_lr_scale: must be in (0, 1]"),
-    ("optim.ema_decay=1", "optim.ema_decay: must be in [0, 1)"),
-    ("model.input_norm=clahe", "model.input_norm: 'clahe' is not one of none, retinex, equalize"),
-    ("model.neck=flatten", "model.neck: 'flatten' is not one of pool, gdc"),
-    ("model.input_scale=0.5", "model.input_scale: must be in [1, 4]"),
-    ("optim.lr", "key=value"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("optim.name=adam", "optim.name: 'adam' is not one of radam_schedulefree"),
+        ("optim.nme=adamw_cosine", "optim.nme"),
+        ("nothing.here=1", "nothing"),
+        ("train.max_steps=ten", "train.max_steps"),
+        ("train.max_steps=0", "train.max_steps: must be > 0"),
+        ("train.mixed_precision=fp8", "train.mixed_precision: 'fp8' is not one of no, bf16, fp16"),
+        ("model.bn=group", "model.bn"),
+        ("loss.sample_rate=1.5", "loss.sample_rate"),
+        ("optim.backbone_lr_scale=0", "optim.backbone_lr_scale: must be in (0, 1]"),
+        ("optim.ema_decay=1", "optim.ema_decay: must be in [0, 1)"),
+        ("model.input_norm=clahe", "model.input_norm: 'clahe' is not one of none, retinex, equalize"),
+        ("model.neck=flatten", "model.neck: 'flatten' is not one of pool, gdc"),
+        ("model.input_scale=0.5", "model.input_scale: must be in [1, 4]"),
+        ("optim.lr", "key=value"),
+    ],
+)
 def test_bad_values_fail_with_one_line_naming_the_key(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
@@ -76,24 +87,32 @@ def test_yaml_boolean_words_mean_the_choice_they_spell(tmp_path):
         load_config(None, ["loss.pair=yes"])
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["optim.name=sgd"], 5e-4),  # arcface_torch's default for SGD
-    (["optim.name=adamw_cosine"], 0.0),
-    (["optim.name=sgd", "optim.weight_decay=1e-4"], 1e-4),  # set: kept
-    (["optim.name=sgd", "optim.weight_decay=0"], 0.0),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["optim.name=sgd"], 5e-4),  # arcface_torch's default for SGD
+        (["optim.name=adamw_cosine"], 0.0),
+        (["optim.name=sgd", "optim.weight_decay=1e-4"], 1e-4),  # set: kept
+        (["optim.name=sgd", "optim.weight_decay=0"], 0.0),
+    ],
+)
 def test_weight_decay_default_depends_on_the_optimizer_and_is_shown(overrides, expected):
     cfg = load_config(None, overrides)
     assert cfg.optim.weight_decay == expected and cfg.to_dict()["optim"]["weight_decay"] == expected
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    (["data.sampler=random", "loss.pair=triplet", "loss.head=arcface"],
-     "data.sampler=random with loss.pair=triplet: uniform batches hold few positive pairs"),
-    (["model.pretrained=a.pth", "model.init_from=runs/x"], "model.pretrained and model.init_from are both set"),
-    (["data.batch_size=0"], "data.batch_size: must be > 0"),
-    (["optim.schedule=step"], "optim.schedule: 'step' is not one of polynomial, cosine"),
-])
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (
+            ["data.sampler=random", "loss.pair=triplet", "loss.head=arcface"],
+            "data.sampler=random with loss.pair=triplet: uniform batches hold few positive pairs",
+        ),
+        (["model.pretrained=a.pth", "model.init_from=runs/x"], "model.pretrained and model.init_from are both set"),
+        (["data.batch_size=0"], "data.batch_size: must be > 0"),
+        (["optim.schedule=step"], "optim.schedule: 'step' is not one of polynomial, cosine"),
+    ],
+)
 def test_recipe_combinations_refused_in_one_line(overrides, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
@@ -131,13 +150,16 @@ def test_unset_margin_is_the_heads_paper_value_and_shown_in_to_dict(head, margin
     assert config_from_dict(cfg.to_dict()) == cfg
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    (["optim.warmup_steps=100"], "optim.warmup_steps=100: radam_schedulefree has no warm-up"),
-    (["optim.ema_decay=0.99"], "optim.ema_decay: radam_schedulefree already evaluates an average"),
-    (["data.augment.rotation=-5"], "data.augment.rotation: must be >= 0"),
-    (["eval.projector_points=-1"], "eval.projector_points: must be >= 0"),
-    (["eval.timeout_s=0"], "eval.timeout_s: must be > 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["optim.warmup_steps=100"], "optim.warmup_steps=100: radam_schedulefree has no warm-up"),
+        (["optim.ema_decay=0.99"], "optim.ema_decay: radam_schedulefree already evaluates an average"),
+        (["data.augment.rotation=-5"], "data.augment.rotation: must be >= 0"),
+        (["eval.projector_points=-1"], "eval.projector_points: must be >= 0"),
+        (["eval.timeout_s=0"], "eval.timeout_s: must be > 0"),
+    ],
+)
 def test_silently_ignored_values_are_refused(overrides, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)

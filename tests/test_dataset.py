@@ -14,8 +14,14 @@ import torch
 from PIL import Image
 
 from facedist.config import AugmentConfig, DataConfig
-from facedist.data.dataset import (WORKER_CONTEXT, FaceDataset, collate_train, loader_kwargs, make_eval_loader,
-                                   make_train_loader)
+from facedist.data.dataset import (
+    WORKER_CONTEXT,
+    FaceDataset,
+    collate_train,
+    loader_kwargs,
+    make_eval_loader,
+    make_train_loader,
+)
 from facedist.data.device_augment import DeviceAugment
 from facedist.data.index import ShardIndex
 from facedist.data.shards import ShardError
@@ -23,8 +29,16 @@ from facedist.inference import preprocess
 
 PREP = {"image_size": 24, "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3]}
 # every option on: warp (crop, shift, rotation, flip) and all photometric factors, gamma's table and shading included
-FULL = AugmentConfig(crop_scale_min=0.8, translate=0.05, rotation=15, brightness=0.2, contrast=0.2, saturation=0.2,
-                     gamma=0.2, shading=0.7)
+FULL = AugmentConfig(
+    crop_scale_min=0.8,
+    translate=0.05,
+    rotation=15,
+    brightness=0.2,
+    contrast=0.2,
+    saturation=0.2,
+    gamma=0.2,
+    shading=0.7,
+)
 
 
 class FakeIndex:
@@ -90,8 +104,9 @@ def test_un_augmented_training_batch_is_the_eval_tensor():
 @pytest.mark.parametrize("workers", [0, 2])
 def test_train_loader_same_tensors_for_any_workers_and_world_size(workers):
     index = FakeIndex()
-    single = make_train_loader(index, DataConfig(classes_per_batch=4, images_per_class=2, num_workers=0, augment=FULL),
-                               PREP, 1, 0, 7)
+    single = make_train_loader(
+        index, DataConfig(classes_per_batch=4, images_per_class=2, num_workers=0, augment=FULL), PREP, 1, 0, 7
+    )
     expected = [_model_input(single, batch) for _, batch in zip(range(3), single)]
     cfg = DataConfig(classes_per_batch=2, images_per_class=2, num_workers=workers, augment=FULL)
     ranks = [make_train_loader(index, cfg, PREP, 2, r, 7) for r in range(2)]
@@ -103,8 +118,9 @@ def test_train_loader_same_tensors_for_any_workers_and_world_size(workers):
 
 
 def test_batches_travel_as_uint8():
-    loader = make_train_loader(FakeIndex(), DataConfig(classes_per_batch=2, images_per_class=2, num_workers=0,
-                                                       augment=FULL), PREP, 1, 0, 1)
+    loader = make_train_loader(
+        FakeIndex(), DataConfig(classes_per_batch=2, images_per_class=2, num_workers=0, augment=FULL), PREP, 1, 0, 1
+    )
     batch = next(iter(loader))
     assert batch.images.dtype == torch.uint8 and batch.images.shape == (4, 3, 24, 24)
     assert batch.gamma_tables.dtype == torch.uint8 and batch.photometric.shape == (4, 6)
@@ -157,8 +173,14 @@ def test_other_size_shards_are_resized_alike_in_train_eval_and_inference(synth_s
     images = ShardImages(val, 48)
     inferred = torch.stack([ImageDataset(images, prep)[i][0] for i in range(len(images))])
     assert evaluated.shape[-2:] == (48, 48) and torch.equal(evaluated, inferred)
-    loader = make_train_loader(val, DataConfig(classes_per_batch=2, images_per_class=2, num_workers=0,
-                                               augment=AugmentConfig(hflip=False)), prep, 1, 0, 0)
+    loader = make_train_loader(
+        val,
+        DataConfig(classes_per_batch=2, images_per_class=2, num_workers=0, augment=AugmentConfig(hflip=False)),
+        prep,
+        1,
+        0,
+        0,
+    )
     batch = next(iter(loader))
     trained = _model_input(loader, batch)[0]  # un-augmented training input = the eval tensor of the same sample
     torch.testing.assert_close(trained, evaluated[batch.samples], rtol=0, atol=1e-5)
@@ -176,7 +198,7 @@ def test_corrupt_image_names_shard_sample_and_cause(synth_shards, tmp_path):
     path = copy / f"train-{int(row['shard']):06d}.tar"
     data = bytearray(path.read_bytes())
     offset, size = int(row["offset"]), int(row["size"])
-    data[offset + size // 2:offset + size] = b"\0" * (size - size // 2)  # the second half of the JPEG zeroed
+    data[offset + size // 2 : offset + size] = b"\0" * (size - size // 2)  # the second half of the JPEG zeroed
     path.write_bytes(bytes(data))
     dataset = FaceDataset(ShardIndex(copy, "train"), {**PREP, "image_size": 32}, FULL)
     for item in (5, (5, 1)):  # eval and train items
@@ -215,8 +237,14 @@ def _gone(pid: int, timeout: float = 15.0) -> bool:
 def test_loader_workers_and_fork_server_survive_stop_signals_and_end_with_the_loader(synth_shards, kind):
     """Slurm signals every process of a step: the workers and their fork server must go on; shutdown ends them."""
     if kind == "train":
-        loader = make_train_loader(ShardIndex(synth_shards, "train"), DataConfig(classes_per_batch=2, images_per_class=2,
-                                                                                 num_workers=2), PREP, 1, 0, seed=0)
+        loader = make_train_loader(
+            ShardIndex(synth_shards, "train"),
+            DataConfig(classes_per_batch=2, images_per_class=2, num_workers=2),
+            PREP,
+            1,
+            0,
+            seed=0,
+        )
     else:
         loader = make_eval_loader(ShardIndex(synth_shards, "val"), PREP, batch_size=2, num_workers=2)
     batches = iter(loader)
@@ -256,8 +284,12 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_workers_exit_when_the_trainer_dies(synth_shards):
-    proc = subprocess.run([sys.executable, "-c", _ORPHAN.format(PREP=PREP), str(synth_shards)], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _ORPHAN.format(PREP=PREP), str(synth_shards)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     workers = [int(pid) for pid in proc.stdout.split()]
     assert len(workers) == 2 and all(_gone(pid) for pid in workers)

@@ -15,16 +15,63 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.distributed
 def test_demo_training_reaches_auc_on_unseen_identities(tmp_path):
     cli = [sys.executable, "-m", "facedist.data.cli"]
-    subprocess.run([*cli, "synth", str(tmp_path / "faces"), "--identities", "300", "--images-per-identity", "12",
-                    "--size", "64", "--seed", "0"], check=True, capture_output=True)
-    subprocess.run([*cli, "build", str(tmp_path / "faces"), str(tmp_path / "shards"), "--size", "64", "--format",
-                    "png", "--val-identities", "60", "--test-identities", "40", "--seed", "0", "--quiet"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            *cli,
+            "synth",
+            str(tmp_path / "faces"),
+            "--identities",
+            "300",
+            "--images-per-identity",
+            "12",
+            "--size",
+            "64",
+            "--seed",
+            "0",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *cli,
+            "build",
+            str(tmp_path / "faces"),
+            str(tmp_path / "shards"),
+            "--size",
+            "64",
+            "--format",
+            "png",
+            "--val-identities",
+            "60",
+            "--test-identities",
+            "40",
+            "--seed",
+            "0",
+            "--quiet",
+        ],
+        check=True,
+        capture_output=True,
+    )
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
-                           str(REPO / "facedist" / "train.py"), "--config", str(REPO / "configs" / "demo.yaml"),
-                           f"data.shards={tmp_path / 'shards'}", f"output_dir={tmp_path / 'run'}"],
-                          env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "launch" / "cpu_2proc.yaml"),
+            str(REPO / "facedist" / "train.py"),
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            f"data.shards={tmp_path / 'shards'}",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val_auc" in r]

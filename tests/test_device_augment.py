@@ -64,7 +64,9 @@ def test_without_photometric_options_it_only_normalises():
     images, _, _ = _batch()
     ones = torch.tensor([[1.0] * 4 + [0.0] * 2]).expand(len(images), 6)
     result = DeviceAugment(_Dataset(AugmentConfig()), "cpu").augment_and_normalise(images, ones, None)
-    expected = (images.double() / 255 - torch.tensor(PREP["mean"]).view(3, 1, 1)) / torch.tensor(PREP["std"]).view(3, 1, 1)
+    expected = (images.double() / 255 - torch.tensor(PREP["mean"]).view(3, 1, 1)) / torch.tensor(PREP["std"]).view(
+        3, 1, 1
+    )
     torch.testing.assert_close(result.double(), expected, rtol=0, atol=1e-6)
 
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from dist_utils import run_distributed
+
 from facedist import distributed
 
 ROWS, DIM = 4, 3
@@ -23,8 +23,18 @@ def _gather_and_flags(rank, world):
     loss = torch.tensor(math.nan if rank == 1 else 1.0)
     head_sum = flags.reduce(loss, torch.tensor(4.0), torch.tensor(float(rank + 1)), stop=rank == 2)
     flags.read()
-    return (gathered.detach(), distributed.gather_rows(local.detach()), local.grad, weights, labels, own,
-            head_sum, flags.loss_bad, flags.grad_bad, flags.stop)
+    return (
+        gathered.detach(),
+        distributed.gather_rows(local.detach()),
+        local.grad,
+        weights,
+        labels,
+        own,
+        head_sum,
+        flags.loss_bad,
+        flags.grad_bad,
+        flags.stop,
+    )
 
 
 @pytest.mark.distributed
@@ -35,8 +45,10 @@ def test_fixed_gather_and_fused_flags():
     for rank, (gathered, variable, grad, _, labels, own, head_sum, loss_bad, grad_bad, stop) in enumerate(results):
         assert torch.equal(gathered, variable)  # same rows, same order as the variable-length gather
         # backward: the sum over ranks of their gradients of the global rows, own slice, times the scale
-        torch.testing.assert_close(grad, 2.0 * weight_sum[rank * ROWS:(rank + 1) * ROWS])
-        assert torch.equal(labels, torch.arange(world).repeat_interleave(ROWS)) and own == slice(rank * ROWS, (rank + 1) * ROWS)
+        torch.testing.assert_close(grad, 2.0 * weight_sum[rank * ROWS : (rank + 1) * ROWS])
+        assert torch.equal(labels, torch.arange(world).repeat_interleave(ROWS)) and own == slice(
+            rank * ROWS, (rank + 1) * ROWS
+        )
         # one rank's non-finite loss and another's stop request reach every rank; head norms are summed
         assert head_sum.item() == 6.0 and (loss_bad, grad_bad, stop) == (True, False, True)
 

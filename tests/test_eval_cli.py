@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_model import save_tiny_model
 
 from facedist.evaluation.cli import PairsError, main, read_pairs
-from tiny_model import save_tiny_model
 
 ORL = Path(__file__).resolve().parents[2] / "shared" / "data" / "orl_faces"
 
@@ -62,16 +62,23 @@ def test_read_lfw_pairs(tmp_path):
     assert [p.name for p in paths] == ["Ann_A_0001.png", "Ann_A_0003.png", "Ann_A_0002.png", "Bob_B_0001.png"]
     assert identities == ["Ann_A", "Ann_A", "Ann_A", "Bob_B"]
     assert [(paths[i].stem, paths[j].stem) for i, j in zip(a, b)] == [
-        ("Ann_A_0001", "Ann_A_0003"), ("Ann_A_0002", "Ann_A_0003"), ("Ann_A_0001", "Bob_B_0001"), ("Bob_B_0001", "Ann_A_0002")]
+        ("Ann_A_0001", "Ann_A_0003"),
+        ("Ann_A_0002", "Ann_A_0003"),
+        ("Ann_A_0001", "Bob_B_0001"),
+        ("Bob_B_0001", "Ann_A_0002"),
+    ]
     assert same.tolist() == [True, True, False, False]
 
 
-@pytest.mark.parametrize("body, fragment", [
-    ("Ann_A\t1\t9\n", "line 1: image"),
-    ("Ann_A\t1\t2\nAnn_A 1\n", "line 2: expected 'name i j'"),
-    ("Ann_A\tone\t2\n", "line 1: image number 'one'"),
-    ("", "no pairs"),
-])
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ("Ann_A\t1\t9\n", "line 1: image"),
+        ("Ann_A\t1\t2\nAnn_A 1\n", "line 2: expected 'name i j'"),
+        ("Ann_A\tone\t2\n", "line 1: image number 'one'"),
+        ("", "no pairs"),
+    ],
+)
 def test_bad_pairs_file_names_the_line(tmp_path, body, fragment):
     root = _lfw_tree(tmp_path / "lfw", {"Ann_A": 2})
     pairs = tmp_path / "pairs.txt"
@@ -83,7 +90,19 @@ def test_bad_pairs_file_names_the_line(tmp_path, body, fragment):
 def test_eval_folder_end_to_end(tiny32, synth_tree, tmp_path):
     _, _, file = tiny32
     out = tmp_path / "report"
-    main(["--checkpoint", str(file.parents[2]), "--folder", str(synth_tree), "--out", str(out), "--num-workers", "0", "--cpu"])
+    main(
+        [
+            "--checkpoint",
+            str(file.parents[2]),
+            "--folder",
+            str(synth_tree),
+            "--out",
+            str(out),
+            "--num-workers",
+            "0",
+            "--cpu",
+        ]
+    )
     metrics, thresholds = _assert_report(out, file.parent)
     assert thresholds["far"] == {k: v for k, v in metrics["thresholds_at_far"].items() if v is not None}
     assert thresholds["flip"] is False and str(synth_tree) in thresholds["source"]
@@ -91,14 +110,41 @@ def test_eval_folder_end_to_end(tiny32, synth_tree, tmp_path):
 
 def test_eval_shards_and_image_size_mismatch(tiny32, synth_shards, tmp_path, capsys):
     _, _, file = tiny32
-    main(["--checkpoint", str(file), "--shards", str(synth_shards), "--split", "val", "--out", str(tmp_path / "r"),
-          "--num-workers", "0", "--flip", "--cpu"])
+    main(
+        [
+            "--checkpoint",
+            str(file),
+            "--shards",
+            str(synth_shards),
+            "--split",
+            "val",
+            "--out",
+            str(tmp_path / "r"),
+            "--num-workers",
+            "0",
+            "--flip",
+            "--cpu",
+        ]
+    )
     _assert_report(tmp_path / "r", file.parent)
     _, _, file64 = save_tiny_model(tmp_path / "run64", image_size=64)
     capsys.readouterr()
     # other-size shards are resized as training resizes them (tests/test_dataset.py), with one warning line
-    main(["--checkpoint", str(file64), "--shards", str(synth_shards), "--split", "val", "--out", str(tmp_path / "r64"),
-          "--num-workers", "0", "--cpu"])
+    main(
+        [
+            "--checkpoint",
+            str(file64),
+            "--shards",
+            str(synth_shards),
+            "--split",
+            "val",
+            "--out",
+            str(tmp_path / "r64"),
+            "--num-workers",
+            "0",
+            "--cpu",
+        ]
+    )
     _assert_report(tmp_path / "r64", file64.parent)
     warning = [line for line in capsys.readouterr().err.splitlines() if "resized" in line]
     assert len(warning) == 1 and "32x32" in warning[0] and "64x64" in warning[0]
@@ -111,8 +157,21 @@ def test_eval_pairs_end_to_end(tiny32, tmp_path):
     lines += [f"P{k} {i} P{(k + 1) % 6} {i}" for k in range(6) for i in (1, 2, 3)]
     (tmp_path / "pairs.txt").write_text("\n".join(["1 18"] + lines) + "\n")
     out = tmp_path / "report"
-    main(["--checkpoint", str(file), "--pairs", str(tmp_path / "pairs.txt"), "--folder", str(root), "--out", str(out),
-          "--num-workers", "0", "--cpu"])
+    main(
+        [
+            "--checkpoint",
+            str(file),
+            "--pairs",
+            str(tmp_path / "pairs.txt"),
+            "--folder",
+            str(root),
+            "--out",
+            str(out),
+            "--num-workers",
+            "0",
+            "--cpu",
+        ]
+    )
     metrics, _ = _assert_report(out, file.parent)
     assert metrics["pairs"]["source"] == "given pairs" and metrics["pairs"]["num_pairs"] == 36
 
@@ -123,14 +182,28 @@ def test_eval_bad_inputs_are_one_line(tiny32, synth_tree, tmp_path):
     shutil.copytree(synth_tree, tree)
     broken = next(tree.iterdir()) / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    assert str(broken) in _one_line_exit(["--checkpoint", str(file), "--folder", str(tree), "--out", str(tmp_path / "o"),
-                                          "--num-workers", "0", "--cpu"])
+    assert str(broken) in _one_line_exit(
+        ["--checkpoint", str(file), "--folder", str(tree), "--out", str(tmp_path / "o"), "--num-workers", "0", "--cpu"]
+    )
     wrong = tmp_path / "config.yaml"
     wrong.write_text("model: {}\n")
-    assert str(wrong) in _one_line_exit(["--checkpoint", str(wrong), "--folder", str(synth_tree), "--out", str(tmp_path / "o")])
+    assert str(wrong) in _one_line_exit(
+        ["--checkpoint", str(wrong), "--folder", str(synth_tree), "--out", str(tmp_path / "o")]
+    )
     one_identity = _lfw_tree(tmp_path / "one", {"solo": 3})  # nothing to compare it with
-    assert "at least two identities" in _one_line_exit(["--checkpoint", str(file), "--folder", str(one_identity),
-                                                        "--out", str(tmp_path / "o"), "--num-workers", "0", "--cpu"])
+    assert "at least two identities" in _one_line_exit(
+        [
+            "--checkpoint",
+            str(file),
+            "--folder",
+            str(one_identity),
+            "--out",
+            str(tmp_path / "o"),
+            "--num-workers",
+            "0",
+            "--cpu",
+        ]
+    )
     assert not (tmp_path / "o" / "metrics.json").exists()
 
 
@@ -138,8 +211,21 @@ def test_eval_bad_inputs_are_one_line(tiny32, synth_tree, tmp_path):
 def test_eval_orl_end_to_end_writes_every_output(tmp_path):
     _, _, file = save_tiny_model(tmp_path / "run", image_size=64)
     out = tmp_path / "orl"
-    main(["--checkpoint", str(tmp_path / "run"), "--folder", str(ORL), "--out", str(out), "--flip", "--tsne",
-          "--num-workers", "0", "--cpu"])
+    main(
+        [
+            "--checkpoint",
+            str(tmp_path / "run"),
+            "--folder",
+            str(ORL),
+            "--out",
+            str(out),
+            "--flip",
+            "--tsne",
+            "--num-workers",
+            "0",
+            "--cpu",
+        ]
+    )
     metrics, thresholds = _assert_report(out, file.parent, tsne=True)
     assert metrics["num_genuine"] == 40 * 45 and metrics["num_impostor"] == 400 * 399 // 2 - 40 * 45
     assert metrics["num_images"] == 400 and metrics["num_identities"] == 40
@@ -150,7 +236,17 @@ def test_eval_orl_end_to_end_writes_every_output(tmp_path):
 def test_eval_under_accelerate_launch_equals_single_process(tiny32, synth_tree, tmp_path):
     _, _, file = tiny32
     single, launched = tmp_path / "single", tmp_path / "launched"
-    common = ["--checkpoint", str(file), "--folder", str(synth_tree), "--num-workers", "0", "--cpu", "--batch-size", "32"]
+    common = [
+        "--checkpoint",
+        str(file),
+        "--folder",
+        str(synth_tree),
+        "--num-workers",
+        "0",
+        "--cpu",
+        "--batch-size",
+        "32",
+    ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each launched rank: oneDNN's kernels (and their last bits) depend on the thread count
     try:
@@ -158,10 +254,31 @@ def test_eval_under_accelerate_launch_equals_single_process(tiny32, synth_tree, 
     finally:
         torch.set_num_threads(threads)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           "-m", "facedist.evaluation.cli", *common, "--out", str(launched)],
-                          capture_output=True, text=True, env=env, timeout=300)  # 96 images: 2 batches + 1
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "facedist.evaluation.cli",
+            *common,
+            "--out",
+            str(launched),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )  # 96 images: 2 batches + 1
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (single, launched))
     assert a["num_genuine"] == b["num_genuine"] and a["num_impostor"] == b["num_impostor"]

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_model import save_tiny_model
 
 from facedist.checkpoint import load_embedding_model, read_embedding_metadata
 from facedist.inference_cli import export_main
-from tiny_model import save_tiny_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -17,8 +17,16 @@ ort = pytest.importorskip("onnxruntime")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     model, pre, file = save_tiny_model(root / "checkpoint")
-    export_main(["--checkpoint", str(file.parent), "--onnx", str(root / "model.onnx"),
-                 "--safetensors", str(root / "out.safetensors")])
+    export_main(
+        [
+            "--checkpoint",
+            str(file.parent),
+            "--onnx",
+            str(root / "model.onnx"),
+            "--safetensors",
+            str(root / "out.safetensors"),
+        ]
+    )
     return model, pre, file, root
 
 
@@ -62,9 +70,11 @@ def test_export_of_wrong_checkpoint_is_one_line(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("model_keys", [{"input_norm": "retinex"}, {"input_norm": "equalize"},
-                                       {"neck": "gdc", "input_scale": 1.5}],
-                         ids=["retinex", "equalize", "gdc_scaled"])
+@pytest.mark.parametrize(
+    "model_keys",
+    [{"input_norm": "retinex"}, {"input_norm": "equalize"}, {"neck": "gdc", "input_scale": 1.5}],
+    ids=["retinex", "equalize", "gdc_scaled"],
+)
 def test_model_options_travel_with_the_checkpoint_and_the_onnx_export(tmp_path, model_keys):
     """model.input_norm, neck and input_scale are part of the model: reloading (facedist-embed/-eval/-compare)
     and ONNX apply them."""

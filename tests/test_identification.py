@@ -27,7 +27,9 @@ def test_cmc_on_constructed_ranks():
     m = identification_metrics(embeddings, labels)
     assert m["cmc"] == {"rank1": np.mean(rank <= 1), "rank5": np.mean(rank <= 5)}
     assert m["num_probes"] == 8 and m["num_gallery_identities"] == 8
-    assert identification_metrics(torch.from_numpy(embeddings), torch.from_numpy(labels), chunk_size=1)["cmc"] == m["cmc"]
+    assert (
+        identification_metrics(torch.from_numpy(embeddings), torch.from_numpy(labels), chunk_size=1)["cmc"] == m["cmc"]
+    )
 
 
 def test_tie_with_another_identity_counts_against_the_probe():
@@ -72,7 +74,9 @@ def _brute_force_open_set(embeddings, labels, fpirs, fraction, seed):
         if f * len(nonmated_top) < 10:
             fnir[f] = None
             continue
-        feasible = [t for t in np.unique(hit_score) if (nonmated_top >= t).sum() <= math.floor(f * len(nonmated_top) + 1e-9)]
+        feasible = [
+            t for t in np.unique(hit_score) if (nonmated_top >= t).sum() <= math.floor(f * len(nonmated_top) + 1e-9)
+        ]
         fnir[f] = 1.0 - max((hit_score >= t).mean() for t in feasible) if feasible else 1.0
     return fnir, len(mated), len(nonmated_top)
 

@@ -2,19 +2,18 @@
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from sklearn.metrics import roc_curve
-
-cv2 = pytest.importorskip("cv2", reason="IJB alignment needs opencv-python-headless (facedist[align])")
+from tiny_model import save_tiny_model
 
 from facedist.align import TEMPLATE_FIVE_POINTS
 from facedist.evaluation import ijb
 from facedist.evaluation.cli import main as eval_main
 from facedist.inference import preprocess
-from tiny_model import save_tiny_model
 
 LOOSE = 96  # side of the generated loose crops
 
@@ -50,7 +49,9 @@ def ijb_tree(tmp_path_factory):
                     cv2.imwrite(str(root / "loose_crop" / name), pixels[..., ::-1])
                     forward[name] = matrix
                     faces.append(f"{name} {template} {100 * template + medium}")
-                    points.append(" ".join([name, *(f"{v:.6f}" for v in landmarks.ravel()), f"{rng.uniform(0.5, 1):.4f}"]))
+                    points.append(
+                        " ".join([name, *(f"{v:.6f}" for v in landmarks.ravel()), f"{rng.uniform(0.5, 1):.4f}"])
+                    )
     (root / "meta" / "ijbc_face_tid_mid.txt").write_text("\n".join(faces) + "\n")
     (root / "meta" / "ijbc_name_5pts_score.txt").write_text("\n".join(points) + "\n")
     pairs = [f"{t1} {t2} {int(subject_of[t1] == subject_of[t2])}" for t1 in subject_of for t2 in subject_of if t1 < t2]
@@ -62,17 +63,23 @@ def _reference(root, forward, model, pre):
     """The published protocol written out directly: align by the inverse of the known transform, image +
     flip (not normalised) x faceness, per-medium mean, sum over media, L2-normalise, dot product."""
     size = int(pre["image_size"])
-    lines = [l.split() for l in (root / "meta" / "ijbc_name_5pts_score.txt").read_text().splitlines()]
-    ids = [l.split() for l in (root / "meta" / "ijbc_face_tid_mid.txt").read_text().splitlines()]
+    lines = [line.split() for line in (root / "meta" / "ijbc_name_5pts_score.txt").read_text().splitlines()]
+    ids = [line.split() for line in (root / "meta" / "ijbc_face_tid_mid.txt").read_text().splitlines()]
     crops = []
     for name, *_ in lines:
         image = cv2.imread(str(root / "loose_crop" / name))[..., ::-1]
         inverse = cv2.invertAffineTransform(forward[name]) * (size / 112)
-        crops.append(preprocess(Image.fromarray(cv2.warpAffine(np.ascontiguousarray(image), inverse, (size, size),
-                                                               borderValue=0.0)), pre))
+        crops.append(
+            preprocess(
+                Image.fromarray(cv2.warpAffine(np.ascontiguousarray(image), inverse, (size, size), borderValue=0.0)),
+                pre,
+            )
+        )
     x = torch.stack(crops)
     with torch.no_grad():
-        features = (model(x) + model(x.flip(-1))).double().numpy() * np.array([float(l[-1]) for l in lines])[:, None]
+        features = (model(x) + model(x.flip(-1))).double().numpy() * np.array([float(fields[-1]) for fields in lines])[
+            :, None
+        ]
     templates = np.array([int(i[1]) for i in ids])
     media = np.array([int(i[2]) for i in ids])
     template_features = {}
@@ -102,11 +109,20 @@ def test_ijb_protocol_equals_a_direct_numpy_computation(tiny, ijb_tree, tmp_path
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["num_templates"] == 12
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda root: (root / "meta" / "ijbc_template_pair_label.txt").write_text("1 999 0\n"), "template 999 has no faces"),
-    (lambda root: (root / "meta" / "ijbc_face_tid_mid.txt").write_text("1.jpg 1\n"), "line 1: 2 fields, expected 3"),
-    (lambda root: (root / "meta" / "ijbc_name_5pts_score.txt").unlink(), "not found"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (
+            lambda root: (root / "meta" / "ijbc_template_pair_label.txt").write_text("1 999 0\n"),
+            "template 999 has no faces",
+        ),
+        (
+            lambda root: (root / "meta" / "ijbc_face_tid_mid.txt").write_text("1.jpg 1\n"),
+            "line 1: 2 fields, expected 3",
+        ),
+        (lambda root: (root / "meta" / "ijbc_name_5pts_score.txt").unlink(), "not found"),
+    ],
+)
 def test_broken_ijb_files_are_one_line(tiny, ijb_tree, tmp_path, edit, needle):
     import shutil
 
@@ -114,7 +130,9 @@ def test_broken_ijb_files_are_one_line(tiny, ijb_tree, tmp_path, edit, needle):
     shutil.copytree(ijb_tree[0], root)
     edit(root)
     with pytest.raises(SystemExit) as err:
-        eval_main(["--checkpoint", str(tiny[2]), "--ijb", str(root), "--ijb-name", "IJBC", "--out", str(tmp_path / "o")])
+        eval_main(
+            ["--checkpoint", str(tiny[2]), "--ijb", str(root), "--ijb-name", "IJBC", "--out", str(tmp_path / "o")]
+        )
     assert needle in str(err.value.code) and "\n" not in str(err.value.code)
 
 

@@ -41,7 +41,7 @@ def test_class_offsets_cover_each_class(synth_shards):
     index = ShardIndex(synth_shards, "train")
     assert index.class_offsets[0] == 0 and index.class_offsets[-1] == index.num_samples
     for c in range(index.num_classes):
-        rows = index.labels[index.class_offsets[c]:index.class_offsets[c + 1]]
+        rows = index.labels[index.class_offsets[c] : index.class_offsets[c + 1]]
         assert len(rows) == index.images_per_class[c] > 0
         assert np.all(rows == c)
     assert index.image_size == 32 and len(index) == index.num_samples

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_utils import run_distributed
 from PIL import Image
+from tiny_model import save_tiny_model
 
 from facedist.inference import ImageError, embed_paths, list_images, load_image, preprocess
-from dist_utils import run_distributed
-from tiny_model import save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,9 @@ def test_preprocess_scales_and_normalises(tiny):
     _, pre, _ = tiny
     pixels = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     got = preprocess(Image.fromarray(pixels), pre)
-    expected = (pixels.transpose(2, 0, 1) / 255.0 - np.array(pre["mean"])[:, None, None]) / np.array(pre["std"])[:, None, None]
+    expected = (pixels.transpose(2, 0, 1) / 255.0 - np.array(pre["mean"])[:, None, None]) / np.array(pre["std"])[
+        :, None, None
+    ]
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
     grey = Image.fromarray(pixels[:50, :30, 0])  # other size, one channel: resized, made RGB
     assert preprocess(grey, pre).shape == (3, 64, 64)

@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_model import save_tiny_model
 
 from facedist.inference import embed_paths
 from facedist.inference_cli import compare_main, embed_main
-from tiny_model import save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,9 @@ def test_compare_uses_stored_far_threshold_and_its_flip(tiny, faces, capsys):
     _, _, file = tiny
     a, b = faces / "ann" / "0.png", faces / "ann" / "1.png"
     cosine = _cosine(tiny, a, b, flip=True)
-    (file.parent / "thresholds.json").write_text(json.dumps({"far": {"1e-03": cosine + 0.05, "1e-02": cosine - 0.05},
-                                                             "flip": True, "source": "test"}))
+    (file.parent / "thresholds.json").write_text(
+        json.dumps({"far": {"1e-03": cosine + 0.05, "1e-02": cosine - 0.05}, "flip": True, "source": "test"})
+    )
     try:
         compare_main(["--checkpoint", str(file.parent.parent.parent), str(a), str(b)])  # the output_dir
         stored = file.parent / "thresholds.json"
@@ -79,7 +80,9 @@ def test_compare_bad_inputs_are_one_line(tiny, faces, tmp_path):
     assert "thresholds.json" in _one_line_exit(["--checkpoint", str(file), str(a), str(a)], compare_main)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\x89PNG garbage")
-    assert str(broken) in _one_line_exit(["--checkpoint", str(file), str(a), str(broken), "--threshold", "0.3"], compare_main)
+    assert str(broken) in _one_line_exit(
+        ["--checkpoint", str(file), str(a), str(broken), "--threshold", "0.3"], compare_main
+    )
     assert "does not exist" in _one_line_exit(["--checkpoint", str(tmp_path / "nope"), str(a), str(a)], compare_main)
 
 
@@ -88,7 +91,9 @@ def test_compare_align_reports_image_without_face(tiny, tmp_path):
     _, _, file = tiny
     blank = tmp_path / "wall.png"
     Image.new("RGB", (120, 120), (200, 200, 200)).save(blank)
-    message = _one_line_exit(["--checkpoint", str(file), str(blank), str(blank), "--threshold", "0.3", "--align"], compare_main)
+    message = _one_line_exit(
+        ["--checkpoint", str(file), str(blank), str(blank), "--threshold", "0.3", "--align"], compare_main
+    )
     assert "no face found in" in message and "wall.png" in message
 
 

@@ -3,16 +3,21 @@
 import pytest
 import torch
 import torch.distributed as dist
+from dist_utils import run_distributed
 from pytorch_metric_learning import distances, losses, miners
 
-from dist_utils import run_distributed
 from facedist.config import LossConfig
 from facedist.losses import Objective
 
 P, M, DIM = 12, 4, 8  # global batch: 12 identities x 4 images = 48 rows
 MARGIN = 0.3
-VARIANTS = [("triplet", "none"), ("triplet", "semihard"), ("triplet", "hard"), ("contrastive", "none"),
-            ("multi_similarity", "none")]
+VARIANTS = [
+    ("triplet", "none"),
+    ("triplet", "semihard"),
+    ("triplet", "hard"),
+    ("contrastive", "none"),
+    ("multi_similarity", "none"),
+]
 
 
 def _batch():
@@ -28,12 +33,17 @@ def _pml_reference(pair, miner):
     """Loss and weight gradient of PML's loss on the whole batch in one process (the reference)."""
     inputs, labels, layer = _batch()
     cosine = distances.CosineSimilarity()
-    loss_fn = {"triplet": losses.TripletMarginLoss(margin=MARGIN, distance=cosine),
-               "contrastive": losses.ContrastiveLoss(pos_margin=1.0, neg_margin=MARGIN, distance=cosine),
-               "multi_similarity": losses.MultiSimilarityLoss(distance=cosine)}[pair]
+    loss_fn = {
+        "triplet": losses.TripletMarginLoss(margin=MARGIN, distance=cosine),
+        "contrastive": losses.ContrastiveLoss(pos_margin=1.0, neg_margin=MARGIN, distance=cosine),
+        "multi_similarity": losses.MultiSimilarityLoss(distance=cosine),
+    }[pair]
     embeddings = layer(inputs)
-    mined = (miners.TripletMarginMiner(margin=MARGIN, type_of_triplets=miner, distance=cosine)(embeddings, labels)
-             if miner != "none" else None)
+    mined = (
+        miners.TripletMarginMiner(margin=MARGIN, type_of_triplets=miner, distance=cosine)(embeddings, labels)
+        if miner != "none"
+        else None
+    )
     loss = loss_fn(embeddings, labels, mined)
     loss.backward()
     return loss.detach(), layer.weight.grad
@@ -64,8 +74,8 @@ def _compare(per_rank, variants):
         assert ref_loss > 0 and ref_grad.abs().sum() > 0, variant
         for results in per_rank:
             loss, grad = results[i]
-            torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7, msg=lambda m: f"{variant} loss: {m}")
-            torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{variant} grad: {m}")
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7, msg=lambda m: f"{variant} loss: {m}")  # noqa: B023
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{variant} grad: {m}")  # noqa: B023
 
 
 def test_one_process_equals_pml_whole_and_in_chunks_of_anchors():

@@ -42,8 +42,9 @@ def test_cosface_subtracts_the_margin():
 def test_combined_margin_formula_and_special_cases():
     m1, m2, m3 = 0.9, 0.3, 0.2
     inside = [t for t in THETAS if m1 * t + m2 <= math.pi]
-    torch.testing.assert_close(margins.combined(_cos(inside), m1, m2, m3),
-                               _expect([math.cos(m1 * t + m2) - m3 for t in inside]))
+    torch.testing.assert_close(
+        margins.combined(_cos(inside), m1, m2, m3), _expect([math.cos(m1 * t + m2) - m3 for t in inside])
+    )
     cos = _cos(THETAS)
     torch.testing.assert_close(margins.combined(cos, 1.0, 0.5, 0.0), margins.arcface(cos, 0.5))
     torch.testing.assert_close(margins.combined(cos, 1.0, 0.0, 0.35), margins.cosface(cos, 0.35))
@@ -52,18 +53,22 @@ def test_combined_margin_formula_and_special_cases():
     theta_th = (math.pi - m2) / m1
     past = [t for t in THETAS if t > theta_th]
     penalty = ((m1 - 1) * theta_th + m2) * math.sin(theta_th)
-    torch.testing.assert_close(margins.combined(_cos(past), m1, m2, m3),
-                               _expect([math.cos(t) - m3 - penalty for t in past]))
+    torch.testing.assert_close(
+        margins.combined(_cos(past), m1, m2, m3), _expect([math.cos(t) - m3 - penalty for t in past])
+    )
 
 
-@pytest.mark.parametrize("margin", [
-    lambda c: margins.arcface(c, 0.5),
-    lambda c: margins.combined(c, 1.3, 0.2, 0.1),
-    lambda c: margins.combined(c, 0.8, 0.4, 0.0),
-    lambda c: margins.sphereface(c, 4, step=0),
-    lambda c: margins.sphereface(c, 4, step=100_000),
-    lambda c: margins.sphereface(c, 3, step=50),
-])
+@pytest.mark.parametrize(
+    "margin",
+    [
+        lambda c: margins.arcface(c, 0.5),
+        lambda c: margins.combined(c, 1.3, 0.2, 0.1),
+        lambda c: margins.combined(c, 0.8, 0.4, 0.0),
+        lambda c: margins.sphereface(c, 4, step=0),
+        lambda c: margins.sphereface(c, 4, step=100_000),
+        lambda c: margins.sphereface(c, 3, step=50),
+    ],
+)
 def test_target_logit_never_increases_with_the_angle(margin):
     thetas = torch.linspace(0, math.pi, 2001, dtype=torch.float64)
     values = margin(torch.cos(thetas))

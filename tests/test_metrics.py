@@ -1,13 +1,25 @@
 import json
+
 import numpy as np
 import pytest
 import torch
 from scipy.optimize import brentq
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from facedist.evaluation.metrics import (FARS, _pair_from_index, balanced_pairs, cosine_scores, count_scores,
-                                         far_key, kfold_accuracy, pair_list_metrics, pair_scores, quantise,
-                                         roc_metrics, verification_metrics)
+from facedist.evaluation.metrics import (
+    FARS,
+    _pair_from_index,
+    balanced_pairs,
+    cosine_scores,
+    count_scores,
+    far_key,
+    kfold_accuracy,
+    pair_list_metrics,
+    pair_scores,
+    quantise,
+    roc_metrics,
+    verification_metrics,
+)
 
 
 def _embeddings(n_ids=30, per_id=6, dim=8, signal=1.0, seed=0, round_to=None, duplicates=0):
@@ -184,7 +196,7 @@ def test_kfold_accuracy_picks_the_best_training_threshold():
     accuracies = []
     for fold in range(10):
         test = np.zeros(600, dtype=bool)
-        test[fold * 60:(fold + 1) * 60] = True
+        test[fold * 60 : (fold + 1) * 60] = True
         # brute force over every candidate threshold: the best training accuracy is attained by some t
         candidates = np.unique(scores[~test])[::-1]  # ties: the highest threshold wins
         train_accuracy = [np.mean((scores[~test] >= t) == same[~test]) for t in candidates]

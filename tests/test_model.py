@@ -5,12 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
 import facedist  # noqa: F401  (torchvision compat before timm)
-import timm
-
 from facedist.config import ModelConfig
 from facedist.model import HistogramEqualisation, RetinexNormalisation, build_model, load_backbone_weights
 
@@ -42,15 +41,20 @@ def test_weights_packaged_under_other_names_are_matched_by_order(tmp_path):
     tensors = [v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")]
     torch.save({f"other_codebase.{i:04d}": v for i, v in enumerate(tensors)}, tmp_path / "w.pt")
     model = build_model(ModelConfig(backbone="resnet10t", embedding_dim=8, pretrained=str(tmp_path / "w.pt")))
-    _assert_backbone_equals(model, {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")})
+    _assert_backbone_equals(
+        model, {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    )
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: torch.save(_backbone("resnet18", num_classes=0).state_dict(), p), "does not fit the backbone"),
-    (lambda p: torch.save({"conv1.0.weight": torch.zeros(24, 3, 3, 3)}, p), "lacks backbone weights"),
-    (lambda p: p.write_bytes(b"junk"), "is not a readable weights file"),
-    (lambda p: torch.save([1, 2], p), "does not hold a state dict"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: torch.save(_backbone("resnet18", num_classes=0).state_dict(), p), "does not fit the backbone"),
+        (lambda p: torch.save({"conv1.0.weight": torch.zeros(24, 3, 3, 3)}, p), "lacks backbone weights"),
+        (lambda p: p.write_bytes(b"junk"), "is not a readable weights file"),
+        (lambda p: torch.save([1, 2], p), "does not hold a state dict"),
+    ],
+)
 def test_weights_that_do_not_fit_are_one_clear_error(tmp_path, make, message):
     path = tmp_path / "w.pt"
     make(path)
@@ -119,8 +123,10 @@ def test_retinex_normalisation_removes_smooth_shading_and_gamma():
     norm = RetinexNormalisation(mean, std, 64)
     albedo = 0.2 + 0.6 * torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     shading = torch.linspace(0.1, 1.0, 64).view(1, 1, 1, 64)  # light from the right
+
     def as_input(grey):
         return (grey.expand(-1, 3, -1, -1) - 0.5) / 0.5
+
     even, relit = as_input(albedo), as_input((albedo * shading) ** 1.8)
     core = (slice(None), slice(None), slice(8, -8), slice(8, -8))  # away from the borders
     before = (even - relit)[core].abs().mean()
@@ -136,8 +142,12 @@ def test_histogram_equalisation_undoes_any_global_monotonic_change_of_intensity(
     norm = HistogramEqualisation(mean, std)
     levels = 10 + 6 * torch.arange(40)  # 40 distinct grey levels
     grey = levels[torch.randint(0, 40, (2, 1, 32, 32), generator=torch.Generator().manual_seed(1))].float()
+
     def as_input(values):  # uint8 grey levels -> normalised RGB, as the pipeline gives them
-        return (values.expand(-1, 3, -1, -1) / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        return (values.expand(-1, 3, -1, -1) / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
+            1, 3, 1, 1
+        )
+
     table = (255 * (torch.arange(256) / 255) ** 0.7 * 0.8 + 20).round()  # gamma, contrast, brightness: increasing
     assert torch.unique(table[levels]).numel() == 40  # no two used levels merge
     expected = norm(as_input(grey))
@@ -184,8 +194,13 @@ def test_input_scale_shows_the_backbone_the_enlarged_image():
         assert not torch.allclose(scaled(images), plain(images), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("key, message", [("neck", "model.neck=gdc: iresnet18 ends in its own embedding layer"),
-                                          ("input_scale", "model.input_scale=1.5: iresnet18 takes 112 x 112 faces")])
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("neck", "model.neck=gdc: iresnet18 ends in its own embedding layer"),
+        ("input_scale", "model.input_scale=1.5: iresnet18 takes 112 x 112 faces"),
+    ],
+)
 def test_neck_and_input_scale_on_a_face_backbone_are_refused(key, message):
     with pytest.raises(ValueError, match=message):
         build_model(ModelConfig(backbone="iresnet18", **{key: {"neck": "gdc", "input_scale": 1.5}[key]}))

@@ -2,12 +2,20 @@ import copy
 
 import pytest
 import torch
+from dist_utils import run_distributed
 from torch import nn
 
-from dist_utils import run_distributed
 from facedist.config import OptimConfig
-from facedist.optim import (build_optimizer, build_weight_average, clip_grad_norm_, evaluation_state_dict,
-                            is_schedule_free, model_param_groups, recalibrate_batchnorm, warmup_cosine)
+from facedist.optim import (
+    build_optimizer,
+    build_weight_average,
+    clip_grad_norm_,
+    evaluation_state_dict,
+    is_schedule_free,
+    model_param_groups,
+    recalibrate_batchnorm,
+    warmup_cosine,
+)
 
 
 def _net():
@@ -42,7 +50,9 @@ def test_evaluation_weights_equal_schedulefree_eval_and_leave_training_untouched
 
 def test_adamw_cosine_evaluates_its_weights_and_schedules_lr():
     net = _net()
-    optimizer, scheduler = build_optimizer(net.parameters(), OptimConfig(name="adamw_cosine", lr=1.0, weight_decay=0.0, warmup_steps=2), 10)
+    optimizer, scheduler = build_optimizer(
+        net.parameters(), OptimConfig(name="adamw_cosine", lr=1.0, weight_decay=0.0, warmup_steps=2), 10
+    )
     assert not is_schedule_free(optimizer)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in evaluation_state_dict(net, optimizer).items())
     factor = warmup_cosine(2, 10)
@@ -61,8 +71,9 @@ def test_weight_average_is_a_float64_moving_average_with_warmed_up_decay(decay):
         average.update(net, step)
         weight = 0.0 if step == 1 else min(decay, 1 - step ** (-2 / 3))  # timm's warm-up: 1 - (1 + (step - 1)) ** -2/3
         for key, value in net.state_dict().items():
-            reference[key] = (reference[key] * weight + value.double() * (1 - weight) if value.is_floating_point()
-                              else value.double())
+            reference[key] = (
+                reference[key] * weight + value.double() * (1 - weight) if value.is_floating_point() else value.double()
+            )
     before = copy.deepcopy(net.state_dict())
     evaluated = evaluation_state_dict(net, optimizer, average)
     assert any(not torch.equal(evaluated[k], before[k]) for k in before)  # the average, not the weights
@@ -124,7 +135,9 @@ def test_backbone_lr_scale_gives_the_pretrained_backbone_a_lower_lr(name):
 
     model = build_model(ModelConfig(backbone="resnet10t", embedding_dim=8))
     assert len(model_param_groups(model, 1.0)) == len(list(model.parameters()))  # one plain group
-    optimizer, scheduler = build_optimizer(model_param_groups(model, 0.1), OptimConfig(name=name, lr=1e-3, weight_decay=0.0, warmup_steps=2), 10)
+    optimizer, scheduler = build_optimizer(
+        model_param_groups(model, 0.1), OptimConfig(name=name, lr=1e-3, weight_decay=0.0, warmup_steps=2), 10
+    )
     neck, backbone = optimizer.param_groups
     assert {id(p) for p in backbone["params"]} == {id(p) for p in model.backbone.parameters()}
     assert {id(p) for p in neck["params"]} == {id(p) for p in model.neck.parameters()}

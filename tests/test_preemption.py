@@ -8,8 +8,8 @@ import textwrap
 import time
 
 import pytest
-
 from dist_utils import free_port, run_distributed
+
 from facedist.preemption import StopRequest, requeue_if_slurm
 
 
@@ -53,7 +53,9 @@ def fake_scontrol(tmp_path, monkeypatch):
     calls = tmp_path / "calls"
     script = tmp_path / "bin" / "scontrol"
     script.parent.mkdir()
-    script.write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho "scontrol says no" >&2\nexit ${{FAKE_SCONTROL_STATUS:-0}}\n')
+    script.write_text(
+        f'#!/bin/sh\necho "$@" >> {calls}\necho "scontrol says no" >&2\nexit ${{FAKE_SCONTROL_STATUS:-0}}\n'
+    )
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}{os.environ['PATH']}")
     return calls
@@ -116,11 +118,26 @@ def test_collective_with_a_lost_peer_fails_within_the_timeout(peer):
     port = free_port()
     procs = []
     for rank in (0, 1):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_WORLD_SIZE": "2"}
-        procs.append(subprocess.Popen([sys.executable, "-c", _PEER, str(timeout_s), peer], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "ACCELERATE_USE_CPU": "true",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _PEER, str(timeout_s), peer],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     try:
         start = time.perf_counter()
         out, err = procs[0].communicate(timeout=60)

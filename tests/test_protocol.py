@@ -33,8 +33,9 @@ def test_scores_equal_facedists_metrics_whatever_the_row_order():
 
 def test_gallery_is_each_identitys_first_images_by_file_name():
     vectors, names, paths = _faces(identities=2, images=6)  # gallery 5, one probe each
-    renamed = np.array([p.replace("/05.png", "/00a.png").replace("/00.png", "/05.png").replace("/00a.png", "/00.png")
-                        for p in paths])
+    renamed = np.array(
+        [p.replace("/05.png", "/00a.png").replace("/00.png", "/05.png").replace("/00a.png", "/00.png") for p in paths]
+    )
     vectors[[5, 11]] = -vectors[[0, 6]]  # the image named 05 (a probe) is the opposite of image 00
     assert score(vectors, names, paths, gallery=5)["rank1"] == 0.0  # both probes land on the other identity
     assert score(vectors, names, renamed, gallery=5)["rank1"] == 1.0  # renamed: enrolled, 00 is now the probe

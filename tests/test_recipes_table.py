@@ -21,8 +21,12 @@ def test_table_rows_and_acceptance_under_spread_and_std(tmp_path):
     _runs(out, "A", "recipe", [0.95, 0.95, 0.95], [0.70, 0.71, 0.72])
     _runs(out, "A", "seed_radam_sf", [0.875, 0.89, 0.905], [0.30, 0.31, 0.32])
     _runs(out, "A", "seed_adamw_cosine", [0.89, 0.89, 0.89], [0.70, 0.70, 0.70])  # TAR: no gain
-    printed = subprocess.run([sys.executable, str(SCRIPT), str(out), "recipe", "the recipe", "seed_radam_sf", "radam"],
-                             check=True, capture_output=True, text=True).stdout
+    printed = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), "recipe", "the recipe", "seed_radam_sf", "radam"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "| recipe | A | 3 | 0.950 ± 0.000 | 0.710 ± 0.020 | 0.500 ± 0.000 | the recipe |" in printed
     assert "| seed_radam_sf | A | 3 | 0.890 ± 0.030 |" in printed
     radam = next(line for line in printed.splitlines() if "vs seed_radam_sf" in line)

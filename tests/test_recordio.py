@@ -61,8 +61,12 @@ def _meta(out: Path, split: str):
 
 def test_insightface_layout_builds_with_byte_copies(tmp_path):
     out = tmp_path / "out"
-    summary = build(DATA / "insightface", out, BuildOptions(size=32, format="jpg", val_identities="1", max_samples=8),
-                    progress=False)
+    summary = build(
+        DATA / "insightface",
+        out,
+        BuildOptions(size=32, format="jpg", val_identities="1", max_samples=8),
+        progress=False,
+    )
     assert summary["images"] == 30 and summary["identities"] == {"train": 5, "val": 1}
     report = json.loads((out / "report.json").read_text())
     assert report["skipped_identities"] == [{"identity": "00000006", "reason": "empty identity (record 37: [31, 31))"}]
@@ -76,7 +80,9 @@ def test_insightface_layout_builds_with_byte_copies(tmp_path):
 
 def test_im2rec_layout_reencodes_and_reports_the_undecodable_record(tmp_path):
     out = tmp_path / "out"
-    build(DATA / "im2rec" / "train.rec", out, BuildOptions(size=32, format="png"), progress=False)  # the .rec file as SRC
+    build(
+        DATA / "im2rec" / "train.rec", out, BuildOptions(size=32, format="png"), progress=False
+    )  # the .rec file as SRC
     report = json.loads((out / "report.json").read_text())
     assert [r["path"] for r in report["skipped_files"]] == ["train.rec#105"]
     assert "not an image" in report["skipped_files"][0]["reason"]
@@ -115,7 +121,7 @@ def _broken(tmp_path, edit) -> Path:
 
 def _truncate(src):
     data = (src / "train.rec").read_bytes()
-    (src / "train.rec").write_bytes(data[:len(data) - 40])
+    (src / "train.rec").write_bytes(data[: len(data) - 40])
 
 
 def _bad_magic(src):
@@ -129,14 +135,17 @@ def _past_end(src):
     (src / "train.idx").write_text((src / "train.idx").read_text() + "99\t99999999\n")
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (_truncate, "past the end"),  # the last records' offsets now lie beyond the file
-    (lambda src: (src / "train.rec").write_bytes((src / "train.rec").read_bytes()[:-3]), "truncated"),
-    (_bad_magic, "bad magic"),
-    (_past_end, "key 99 at offset 99999999 is past the end"),
-    (lambda src: (src / "train.idx").unlink(), "train.idx not found"),
-    (lambda src: (src / "train.idx").write_text("0\t0\nseven\n"), "line 2: expected 'key<TAB>offset'"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (_truncate, "past the end"),  # the last records' offsets now lie beyond the file
+        (lambda src: (src / "train.rec").write_bytes((src / "train.rec").read_bytes()[:-3]), "truncated"),
+        (_bad_magic, "bad magic"),
+        (_past_end, "key 99 at offset 99999999 is past the end"),
+        (lambda src: (src / "train.idx").unlink(), "train.idx not found"),
+        (lambda src: (src / "train.idx").write_text("0\t0\nseven\n"), "line 2: expected 'key<TAB>offset'"),
+    ],
+)
 def test_broken_recordio_is_one_clear_error_and_leaves_nothing_looking_valid(tmp_path, capsys, edit, needle):
     src = _broken(tmp_path, edit)
     out = tmp_path / "out"
@@ -151,8 +160,10 @@ def test_facedist_frames_records_byte_for_byte_as_mxnet(layout):
     rec = DATA / layout / "train.rec"
     fd = os.open(rec, os.O_RDONLY)
     try:
-        framed = b"".join(recordio.frame(recordio.read_record(fd, offset, str(key)))
-                          for key, offset in recordio.read_idx(rec.with_suffix(".idx"), rec.stat().st_size))
+        framed = b"".join(
+            recordio.frame(recordio.read_record(fd, offset, str(key)))
+            for key, offset in recordio.read_idx(rec.with_suffix(".idx"), rec.stat().st_size)
+        )
     finally:
         os.close(fd)
     assert framed == rec.read_bytes()

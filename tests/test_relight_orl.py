@@ -15,14 +15,17 @@ def _orl(root: Path) -> Path:
     for identity in (1, 2):
         (root / f"s{identity}").mkdir(parents=True)
         for photo in (1, 2):
-            Image.fromarray(rng.integers(90, 200, (112, 92), dtype=np.uint8)).save(root / f"s{identity}" / f"{photo}.pgm")
+            Image.fromarray(rng.integers(90, 200, (112, 92), dtype=np.uint8)).save(
+                root / f"s{identity}" / f"{photo}.pgm"
+            )
     (root / "README").write_text("not an identity")
     return root
 
 
 def _relight(orl, out, *extra):
-    subprocess.run([sys.executable, str(SCRIPT), str(orl), str(out), "--variants", "3", *extra], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), str(orl), str(out), "--variants", "3", *extra], check=True, capture_output=True
+    )
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.png"))}
 
 
@@ -47,9 +50,11 @@ def test_light_ranges_are_options(tmp_path):
     orl = _orl(tmp_path / "orl")
     frontal = _relight(orl, tmp_path / "front", "--azimuth", "0", "--elevation", "0", "0")
     harsh = _relight(orl, tmp_path / "harsh", "--azimuth", "110", "--elevation", "-35", "70", "--ambient", "0", "0")
+
     def halves(root, name):
         image = np.asarray(Image.open(root / name), dtype=np.float64)
         return image[20:90, 10:40].mean(), image[20:90, 52:82].mean()
+
     for name in frontal:
         left, right = halves(tmp_path / "front", name)
         assert abs(left - right) / max(left, right) < 0.1

@@ -12,22 +12,35 @@ from facedist.evaluation.identification import identification_metrics
 from facedist.evaluation.metrics import kfold_accuracy, pair_scores, verification_metrics
 from facedist.evaluation.report import evaluate_embeddings
 
-STABLE_KEYS = {"auc", "eer", "tar_at_far", "thresholds_at_far", "num_genuine", "num_impostor", "accuracy_kfold",
-               "average_precision", "cmc", "fnir_at_fpir"}
+STABLE_KEYS = {
+    "auc",
+    "eer",
+    "tar_at_far",
+    "thresholds_at_far",
+    "num_genuine",
+    "num_impostor",
+    "accuracy_kfold",
+    "average_precision",
+    "cmc",
+    "fnir_at_fpir",
+}
 
 
 def _embeddings(n_ids=40, per_id=5, dim=16, signal=1.5, seed=0):
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(n_ids), per_id)
-    return (signal * rng.normal(size=(n_ids, dim))[labels] + rng.normal(size=(len(labels), dim))).astype(np.float32), labels
+    return (signal * rng.normal(size=(n_ids, dim))[labels] + rng.normal(size=(len(labels), dim))).astype(
+        np.float32
+    ), labels
 
 
 def test_report_writes_every_output(tmp_path):
     emb, labels = _embeddings()
     out = tmp_path / "report"
     with SummaryWriter(str(tmp_path / "tb")) as writer:
-        metrics = evaluate_embeddings(torch.from_numpy(emb), torch.from_numpy(labels), out_dir=out, tb_writer=writer,
-                                      step=7, tsne=True)
+        metrics = evaluate_embeddings(
+            torch.from_numpy(emb), torch.from_numpy(labels), out_dir=out, tb_writer=writer, step=7, tsne=True
+        )
     assert STABLE_KEYS <= metrics.keys()
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     for name in ("roc", "pr", "score_histogram", "tsne"):
@@ -82,6 +95,7 @@ def _split_report(rank, world_size, embeddings, labels):
     def should_stop():
         checks.append(1)
         return distributed.any_rank(rank == min(1, world_size - 1) and len(checks) == 3)
+
     try:
         verification_metrics(embeddings, labels, chunk_size=7, split_across_ranks=True, should_stop=should_stop)
         abandoned = False
@@ -98,8 +112,11 @@ def test_metrics_split_across_ranks_equal_one_process_exactly(world_size):
     embeddings, labels = _embeddings(n_ids=25, per_id=6, dim=8)
     embeddings[:10] = embeddings[-10:]  # exact duplicates: ties between genuine and impostor scores
     reference = evaluate_embeddings(embeddings, labels, chunk_size=7)
-    results = [_split_report(0, 1, embeddings, labels)] if world_size == 1 else run_distributed(
-        _split_report, world_size, embeddings, labels)
+    results = (
+        [_split_report(0, 1, embeddings, labels)]
+        if world_size == 1
+        else run_distributed(_split_report, world_size, embeddings, labels)
+    )
     assert results[0][0] == reference  # every number, curve and histogram
     assert all(metrics is None for metrics, _, _ in results[1:])  # the rest of the report is rank 0's
     assert all(abandoned and checks == 3 for _, abandoned, checks in results)  # abandoned together

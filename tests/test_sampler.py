@@ -35,12 +35,12 @@ def test_balance_disjointness_and_uneven_classes():
         for items in per_rank:
             labels = [label_of(co, s) for s, _ in items]
             assert len(items) == P * M
-            assert [labels[i * M:(i + 1) * M] == [labels[i * M]] * M for i in range(P)] == [True] * P
+            assert [labels[i * M : (i + 1) * M] == [labels[i * M]] * M for i in range(P)] == [True] * P
             classes += labels[::M]
         assert len(set(classes)) == W * P  # identities disjoint across ranks within a step
         for items in per_rank:  # without replacement when the class has >= M images
             for i in range(P):
-                chunk = [s for s, _ in items[i * M:(i + 1) * M]]
+                chunk = [s for s, _ in items[i * M : (i + 1) * M]]
                 cls = label_of(co, chunk[0])
                 if SIZES[cls] >= M:
                     assert len(set(chunk)) == M
@@ -61,9 +61,13 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     co = offsets(SIZES)
     small, large = ClassBalancedBatchSampler(co, 1, 2, 2, 0, seed=3), ClassBalancedBatchSampler(co, 3, 2, 2, 0, seed=3)
     for epoch in (0, 1):  # both walk the same identity order; a larger global batch covers more of it per step
-        a = np.concatenate([small.global_classes_at(epoch * small.steps_per_epoch + k) for k in range(small.steps_per_epoch)])
-        b = np.concatenate([large.global_classes_at(epoch * large.steps_per_epoch + k) for k in range(large.steps_per_epoch)])
-        assert list(a[:len(b)]) == list(b)
+        a = np.concatenate(
+            [small.global_classes_at(epoch * small.steps_per_epoch + k) for k in range(small.steps_per_epoch)]
+        )
+        b = np.concatenate(
+            [large.global_classes_at(epoch * large.steps_per_epoch + k) for k in range(large.steps_per_epoch)]
+        )
+        assert list(a[: len(b)]) == list(b)
 
 
 def test_global_batch_depends_only_on_world_times_p():

@@ -122,15 +122,20 @@ class Reference:
         lr, o = cfg.optim.lr * cfg.loss.head_lr_scale, cfg.optim
         self.schedule = lr_schedule(o, cfg.train.max_steps)
         if o.name == "adamw_cosine":  # one AdamW per row: a row not kept in a step is not stepped
-            self.optimizers = [torch.optim.AdamW([row], lr=lr, betas=o.betas, weight_decay=o.weight_decay)
-                               for row in self.rows]
+            self.optimizers = [
+                torch.optim.AdamW([row], lr=lr, betas=o.betas, weight_decay=o.weight_decay) for row in self.rows
+            ]
         elif o.name == "sgd":  # one SGD per row: no decay, no momentum for a row not kept
-            self.optimizers = [torch.optim.SGD([row], lr=lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                                               nesterov=o.nesterov) for row in self.rows]
+            self.optimizers = [
+                torch.optim.SGD([row], lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+                for row in self.rows
+            ]
         else:
-            cls = {"radam_schedulefree": schedulefree.RAdamScheduleFree,
-                   "adamw_schedulefree": schedulefree.AdamWScheduleFree,
-                   "sgd_schedulefree": schedulefree.SGDScheduleFree}[o.name]
+            cls = {
+                "radam_schedulefree": schedulefree.RAdamScheduleFree,
+                "adamw_schedulefree": schedulefree.AdamWScheduleFree,
+                "sgd_schedulefree": schedulefree.SGDScheduleFree,
+            }[o.name]
             kwargs = {"momentum": o.momentum} if o.name.startswith("sgd") else {"betas": o.betas}
             if o.name != "radam_schedulefree":
                 kwargs["warmup_steps"] = o.warmup_steps
@@ -138,8 +143,11 @@ class Reference:
             self.optimizers[0].train()
 
     def loss(self, embeddings, labels, step):
-        kept = (sampled_classes(labels, C, self.cfg.loss.sample_rate, SEED, step)
-                if self.cfg.loss.sample_rate < 1 else torch.arange(C))
+        kept = (
+            sampled_classes(labels, C, self.cfg.loss.sample_rate, SEED, step)
+            if self.cfg.loss.sample_rate < 1
+            else torch.arange(C)
+        )
         self.weight = torch.stack(self.rows)
         self.weight.retain_grad()
         cos = F.normalize(embeddings, dim=1) @ F.normalize(self.weight[kept], dim=1).T
@@ -196,15 +204,21 @@ def close(actual, expected, what):
 
 def compare(per_rank: list[dict], expected: dict, world_size: int) -> None:
     for step in range(STEPS):
-        for rank, result in enumerate(per_rank):
+        for result in per_rank:
             assert torch.equal(result["loss"][step], per_rank[0]["loss"][step]), "loss differs between ranks"
             close(result["backbone_grad"][step], expected["backbone_grad"][step], f"step {step} backbone grad")
         close(per_rank[0]["loss"][step], expected["loss"][step], f"step {step} loss")
-        close(torch.cat([r["weight_grad"][step] for r in per_rank]), expected["weight_grad"][step],
-              f"step {step} centre grads")
+        close(
+            torch.cat([r["weight_grad"][step] for r in per_rank]),
+            expected["weight_grad"][step],
+            f"step {step} centre grads",
+        )
         # the head hands each rank W x its embeddings' gradient; DDP's averaging divides it back
-        close(torch.cat([r["embedding_grad"][step] for r in per_rank]) / world_size,
-              expected["embedding_grad"][step], f"step {step} embedding grads")
+        close(
+            torch.cat([r["embedding_grad"][step] for r in per_rank]) / world_size,
+            expected["embedding_grad"][step],
+            f"step {step} embedding grads",
+        )
     close(torch.cat([r["weight"] for r in per_rank]), expected["weight"], "centres after the steps")
     close(per_rank[0]["backbone"], expected["backbone"], "backbone after the steps")
 
@@ -216,8 +230,6 @@ def reference(name: str) -> dict:
     if name not in _references:
         _references[name] = reference_run(RUNS[name], STEPS)[0]
     return _references[name]
-
-
 
 
 @pytest.mark.distributed
@@ -235,8 +247,17 @@ def test_misscaled_gather_backward_is_caught(spawned, world_size, factor):
         compare([r[f"arcface x{factor}"] for r in spawned["train"][world_size]], reference("arcface"), world_size)
 
 
-@pytest.mark.parametrize("name", ["arcface", "sphereface", "adacos_sampled", "arcface_radam_schedulefree",
-                                  "arcface_sgd", "arcface_sgd_nesterov_sampled"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "arcface",
+        "sphereface",
+        "adacos_sampled",
+        "arcface_radam_schedulefree",
+        "arcface_sgd",
+        "arcface_sgd_nesterov_sampled",
+    ],
+)
 def test_single_process_without_process_group(name):
     assert not distributed.is_distributed()
     compare([train(RUNS[name], 1, 0, STEPS)], reference(name), 1)
@@ -262,8 +283,10 @@ def test_unsampled_rows_and_their_optimizer_state_do_not_move(optim):
     seen_untouched = 0
     for step in range(4):
         inputs, labels = batch(step)
-        before = {"weight": head.weight.detach().clone(),
-                  **{k: v.clone() for k, v in optimizer.state[head.weight].items()}}
+        before = {
+            "weight": head.weight.detach().clone(),
+            **{k: v.clone() for k, v in optimizer.state[head.weight].items()},
+        }
         loss, _ = head(inputs @ backbone, labels, step)
         loss.backward()
         optimizer.step()
@@ -314,7 +337,9 @@ CHAIN_STAGES = [(1, range(0, 2)), (3, range(2, 3)), (2, range(3, 4)), (1, range(
 def _state(head, optimizer) -> dict:
     state = {"weight": head.weight.detach().clone(), "scale": head.scale.clone()}
     state.update({k: v.clone() for k, v in optimizer.state[head.weight].items()})
-    state.update({f"group {k}": v for k, v in optimizer.param_groups[0].items() if k in ("k", "weight_sum", "steps_taken")})
+    state.update(
+        {f"group {k}": v for k, v in optimizer.param_groups[0].items() if k in ("k", "weight_sum", "steps_taken")}
+    )
     return state
 
 

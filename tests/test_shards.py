@@ -60,7 +60,7 @@ def messy_tree(tmp_path_factory):
     _write(src / "alice/truncated.png", png[: len(png) * 6 // 10])
     skipped["alice/truncated.png"] = "truncated"
     broken = bytearray(png)
-    broken[len(png) // 2: len(png) // 2 + 40] = bytes(40)
+    broken[len(png) // 2 : len(png) // 2 + 40] = bytes(40)
     _write(src / "alice/corrupt.png", bytes(broken))
     skipped["alice/corrupt.png"] = "corrupt"
     _write(src / "alice/empty.jpg", b"")
@@ -255,7 +255,7 @@ def test_verify_names_the_bad_shard_and_sample(synth_tree, tmp_path, capsys):
     row = index._rows[20]
     shard = out / f"train-{int(row['shard']):06d}.tar"
     data = bytearray(shard.read_bytes())
-    data[int(row["offset"]) + 2: int(row["offset"]) + int(row["size"])] = bytes(int(row["size"]) - 2)
+    data[int(row["offset"]) + 2 : int(row["offset"]) + int(row["size"])] = bytes(int(row["size"]) - 2)
     shard.write_bytes(bytes(data))
     assert any(shard.name in p and "sha256" in p for p in verify(out, progress=False))
 

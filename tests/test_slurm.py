@@ -23,9 +23,18 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 20
 # The demo config, made tiny: 2 processes x P=4 identities x M=2 images per step
-OVERRIDES = ["model.backbone=resnet10t", "model.embedding_dim=16", "model.image_size=32", "data.num_workers=1",
-             "data.classes_per_batch=4", "data.images_per_class=2", f"train.max_steps={STEPS}",
-             "train.log_every=1", "checkpoint.every=5", "eval.every=0"]
+OVERRIDES = [
+    "model.backbone=resnet10t",
+    "model.embedding_dim=16",
+    "model.image_size=32",
+    "data.num_workers=1",
+    "data.classes_per_batch=4",
+    "data.images_per_class=2",
+    f"train.max_steps={STEPS}",
+    "train.log_every=1",
+    "checkpoint.every=5",
+    "eval.every=0",
+]
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -70,20 +79,50 @@ def assert_same_losses(got, expected):
 def reference(synth_shards, tmp_path_factory):
     """The same training as 2 processes on one machine (accelerate launch, launch/cpu_2proc.yaml)."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           str(REPO / "launch" / "cpu_2proc.yaml"), str(REPO / "facedist" / "train.py"),
-                           "--config", str(REPO / "configs" / "demo.yaml"), *OVERRIDES,
-                           f"data.shards={synth_shards}", f"output_dir={out}"],
-                          env={**_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "launch" / "cpu_2proc.yaml"),
+            str(REPO / "facedist" / "train.py"),
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            *OVERRIDES,
+            f"data.shards={synth_shards}",
+            f"output_dir={out}",
+        ],
+        env={**_env(), "ACCELERATE_USE_CPU": "true"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return losses(out)
 
 
 def submit(shards, output_dir: Path, log: Path, *extra: str) -> str:
     """`sbatch -N 2 slurm/train.sh` from the repository root; returns the job id."""
-    proc = subprocess.run(["sbatch", "--parsable", "-N", "2", f"--output={log}", "slurm/train.sh", *OVERRIDES,
-                           f"data.shards={shards}", f"output_dir={output_dir}", *extra],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "-N",
+            "2",
+            f"--output={log}",
+            "slurm/train.sh",
+            *OVERRIDES,
+            f"data.shards={shards}",
+            f"output_dir={output_dir}",
+            *extra,
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -132,8 +171,12 @@ def test_signalled_job_checkpoints_requeues_and_resumes(cluster, synth_shards, r
     # when Slurm signals a whole step; the batch shell passes it on too, as for `--signal=B:USR1@...`
     subprocess.run(["scancel", "--signal=USR1", "--full", job], check=True)
     # Slurm holds a requeued job ~2 min (BeginTime); a test need not wait for that
-    info = wait_for(lambda: (i := job_info(job)).get("Restarts") == "1" and i["JobState"] == "PENDING" and i,
-                    120, "the job to requeue", log)
+    info = wait_for(
+        lambda: (i := job_info(job)).get("Restarts") == "1" and i["JobState"] == "PENDING" and i,
+        120,
+        "the job to requeue",
+        log,
+    )
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     info = wait_for(lambda: finished(job), 300, f"job {job} to finish after the requeue", log)
     text = log.read_text()
@@ -162,8 +205,12 @@ def _trainer_pids(job: str, node_id: str) -> list[int]:
             environ = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
         except OSError:
             continue
-        if (any(arg.endswith(b"facedist/train.py") for arg in cmdline[:3]) and b"accelerate.commands.launch" not in cmdline
-                and environ.get(b"SLURM_JOB_ID") == job.encode() and environ.get(b"SLURM_NODEID") == node_id.encode()):
+        if (
+            any(arg.endswith(b"facedist/train.py") for arg in cmdline[:3])
+            and b"accelerate.commands.launch" not in cmdline
+            and environ.get(b"SLURM_JOB_ID") == job.encode()
+            and environ.get(b"SLURM_NODEID") == node_id.encode()
+        ):
             pids.append(int(proc.name))
     return pids
 
@@ -171,8 +218,12 @@ def _trainer_pids(job: str, node_id: str) -> list[int]:
 def test_killed_rank_ends_the_job_and_a_resubmission_resumes(cluster, synth_shards, reference, tmp_path):
     log, out = tmp_path / "job.log", tmp_path / "run"
     job = submit(synth_shards, out, log)
-    wait_for(lambda: (out / "checkpoints" / "step_00000005").is_dir() and logged_steps(out) >= 7, 300,
-             "the step-5 checkpoint and step 7", log)
+    wait_for(
+        lambda: (out / "checkpoints" / "step_00000005").is_dir() and logged_steps(out) >= 7,
+        300,
+        "the step-5 checkpoint and step 7",
+        log,
+    )
     victims = _trainer_pids(job, "1")
     assert len(victims) == 1, victims
     os.kill(victims[0], signal.SIGKILL)
@@ -202,9 +253,15 @@ def test_resume_path_applies_to_the_first_start_only(tmp_path):
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     for restarts, expected in (("0", "--resume runs/x/checkpoints/step_00000004"), ("1", "--resume auto")):
-        env = {**_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_RESTART_COUNT": restarts,
-               "RESUME": "runs/x/checkpoints/step_00000004", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node1",
-               "GPUS_PER_NODE": "0"}
+        env = {
+            **_env(),
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "SLURM_RESTART_COUNT": restarts,
+            "RESUME": "runs/x/checkpoints/step_00000004",
+            "SLURM_JOB_ID": "7",
+            "SLURM_JOB_NODELIST": "node1",
+            "GPUS_PER_NODE": "0",
+        }
         proc = subprocess.run(["bash", "slurm/train.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert expected in proc.stdout, proc.stdout

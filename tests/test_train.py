@@ -19,17 +19,56 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "facedist" / "train.py")
-TINY = ["model.backbone=resnet10t", "model.embedding_dim=16", "model.image_size=32", "data.num_workers=0",
-        "train.log_every=1", "eval.every=0", "checkpoint.every=0", "optim.lr=1e-3"]
+TINY = [
+    "model.backbone=resnet10t",
+    "model.embedding_dim=16",
+    "model.image_size=32",
+    "data.num_workers=0",
+    "train.log_every=1",
+    "eval.every=0",
+    "checkpoint.every=0",
+    "optim.lr=1e-3",
+]
 
 
 def _synth_shards(root, identities, images, size, seed, *build):
     """root/shards from `facedist-shards synth` + `build` (png, no test split)."""
     cli = [sys.executable, "-m", "facedist.data.cli"]
-    subprocess.run([*cli, "synth", str(root / "faces"), "--identities", str(identities), "--images-per-identity",
-                    str(images), "--size", str(size), "--seed", str(seed)], check=True, capture_output=True)
-    subprocess.run([*cli, "build", str(root / "faces"), str(root / "shards"), "--size", str(size), "--format", "png",
-                    "--test-identities", "0", "--quiet", *build], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *cli,
+            "synth",
+            str(root / "faces"),
+            "--identities",
+            str(identities),
+            "--images-per-identity",
+            str(images),
+            "--size",
+            str(size),
+            "--seed",
+            str(seed),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *cli,
+            "build",
+            str(root / "faces"),
+            str(root / "shards"),
+            "--size",
+            str(size),
+            "--format",
+            "png",
+            "--test-identities",
+            "0",
+            "--quiet",
+            *build,
+        ],
+        check=True,
+        capture_output=True,
+    )
     return root / "shards"
 
 
@@ -43,8 +82,20 @@ def _env():
 
 
 def train(args, nproc=1, check=True):
-    launcher = ([sys.executable, TRAIN] if nproc == 1 else
-                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_port()), TRAIN])
+    launcher = (
+        [sys.executable, TRAIN]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(_port()),
+            TRAIN,
+        ]
+    )
     proc = subprocess.run([*launcher, *args], env=_env(), capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -53,6 +104,7 @@ def train(args, nproc=1, check=True):
 
 def _port():
     from dist_utils import free_port
+
     return free_port()
 
 
@@ -66,14 +118,25 @@ def final_weights(out):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("optim", [["optim.name=adamw_cosine", "optim.ema_decay=0.9"], ["optim.name=radam_schedulefree"]],
-                         ids=["adamw_cosine_ema", "radam_schedulefree"])
+@pytest.mark.parametrize(
+    "optim",
+    [["optim.name=adamw_cosine", "optim.ema_decay=0.9"], ["optim.name=radam_schedulefree"]],
+    ids=["adamw_cosine_ema", "radam_schedulefree"],
+)
 def test_two_processes_equal_one_with_the_same_global_batch(shards, tmp_path, optim):
-    common = [*TINY, f"data.shards={shards}", "model.bn=frozen", "data.images_per_class=3", "train.max_steps=4",
-              *optim, "loss.miner=semihard", "loss.pair_margin=0.3",
-              # Adam-type steps normalise tiny gradients, so summation-order noise can move a weight by up
-              # to ~lr: a small lr keeps that below atol while real errors (e.g. a x W gradient) are not
-              "optim.lr=1e-4"]
+    common = [
+        *TINY,
+        f"data.shards={shards}",
+        "model.bn=frozen",
+        "data.images_per_class=3",
+        "train.max_steps=4",
+        *optim,
+        "loss.miner=semihard",
+        "loss.pair_margin=0.3",
+        # Adam-type steps normalise tiny gradients, so summation-order noise can move a weight by up
+        # to ~lr: a small lr keeps that below atol while real errors (e.g. a x W gradient) are not
+        "optim.lr=1e-4",
+    ]
     train([*common, "data.classes_per_batch=4", f"output_dir={tmp_path / 'one'}"])
     train([*common, "data.classes_per_batch=2", f"output_dir={tmp_path / 'two'}"], nproc=2)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
@@ -92,9 +155,17 @@ def test_two_processes_equal_one_with_the_same_global_batch(shards, tmp_path, op
 @pytest.mark.slow
 def test_resume_mid_epoch_is_step_exact(shards, tmp_path):
     """2N steps straight vs N steps + resume from the step-N checkpoint, with workers and evaluation on."""
-    common = [*TINY, f"data.shards={shards}", "data.num_workers=2", "data.classes_per_batch=4",
-              "data.images_per_class=2", "train.max_steps=10", "eval.every=3", "checkpoint.every=5",
-              "eval.bn_recal_batches=2"]
+    common = [
+        *TINY,
+        f"data.shards={shards}",
+        "data.num_workers=2",
+        "data.classes_per_batch=4",
+        "data.images_per_class=2",
+        "train.max_steps=10",
+        "eval.every=3",
+        "checkpoint.every=5",
+        "eval.bn_recal_batches=2",
+    ]
     straight = tmp_path / "straight"
     train([*common, f"output_dir={straight}"])
     resumed = tmp_path / "resumed"
@@ -104,8 +175,11 @@ def test_resume_mid_epoch_is_step_exact(shards, tmp_path):
     assert "resumed from" in out.stdout + out.stderr and "step 5" in out.stdout + out.stderr
 
     def stable(records):  # timing fields differ between runs
-        return [{k: v for k, v in r.items() if k not in ("images_per_s", "data_wait_fraction", "memory_mb", "val_time_s")}
-                for r in records]
+        return [
+            {k: v for k, v in r.items() if k not in ("images_per_s", "data_wait_fraction", "memory_mb", "val_time_s")}
+            for r in records
+        ]
+
     a, b = stable(metrics(straight)), stable(metrics(resumed))
     assert [r["step"] for r in b] == [r["step"] for r in a]  # no duplicated steps from the first run
     assert any("val_auc" in r for r in a if r["step"] > 5)
@@ -117,8 +191,16 @@ def test_resume_mid_epoch_is_step_exact(shards, tmp_path):
 
 def test_the_weight_average_is_exported_and_resumes_exactly(shards, tmp_path):
     """optim.ema_decay: the checkpoint's embedding weights are the average, and a resumed run continues it."""
-    common = [*TINY, f"data.shards={shards}", "optim.name=adamw_cosine", "optim.ema_decay=0.9", "data.classes_per_batch=4",
-              "data.images_per_class=2", "train.max_steps=6", "checkpoint.every=3"]
+    common = [
+        *TINY,
+        f"data.shards={shards}",
+        "optim.name=adamw_cosine",
+        "optim.ema_decay=0.9",
+        "data.classes_per_batch=4",
+        "data.images_per_class=2",
+        "train.max_steps=6",
+        "checkpoint.every=3",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train([*common, f"output_dir={straight}"])
     shutil.copytree(straight, resumed)
@@ -137,8 +219,10 @@ def test_bad_config_fails_at_start_with_one_line(shards, tmp_path):
     assert proc.returncode != 0
     assert "train.mixed_precision: 'fp8' is not one of no, bf16, fp16" in proc.stderr
     assert "Traceback" not in proc.stderr
-    for overrides, message in ((["loss.head=arcface", "loss.sample_rate=0.5"], "ScheduleFree moves every class centre"),
-                               (["loss.adarand=true"], "loss.adarand: regularises fine-tuning")):
+    for overrides, message in (
+        (["loss.head=arcface", "loss.sample_rate=0.5"], "ScheduleFree moves every class centre"),
+        (["loss.adarand=true"], "loss.adarand: regularises fine-tuning"),
+    ):
         proc = train([*TINY, *overrides, f"data.shards={shards}", f"output_dir={tmp_path}"], check=False)
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
 
@@ -148,8 +232,9 @@ def test_bad_shards_or_weights_file_fail_with_one_line(shards, tmp_path):
     proc = train([*TINY, f"data.shards={tmp_path / 'nowhere'}", f"output_dir={out}"], check=False)
     assert proc.returncode != 0 and "nowhere/manifest.json not found" in proc.stderr and "Traceback" not in proc.stderr
     (tmp_path / "junk.pt").write_bytes(b"not torch")
-    proc = train([*TINY, f"data.shards={shards}", f"model.pretrained={tmp_path / 'junk.pt'}", f"output_dir={out}"],
-                 check=False)
+    proc = train(
+        [*TINY, f"data.shards={shards}", f"model.pretrained={tmp_path / 'junk.pt'}", f"output_dir={out}"], check=False
+    )
     assert proc.returncode != 0 and "model.pretrained" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()  # a refused start leaves no empty run folder behind
 
@@ -173,8 +258,18 @@ def test_resume_refuses_a_changed_model(shards, tmp_path):
 
 
 def test_non_finite_steps_stop_training(shards, tmp_path):
-    proc = train([*TINY, f"data.shards={shards}", "optim.name=sgd_schedulefree", "optim.lr=1e30",
-                  "train.max_nonfinite_steps=2", "train.max_steps=8", f"output_dir={tmp_path}"], check=False)
+    proc = train(
+        [
+            *TINY,
+            f"data.shards={shards}",
+            "optim.name=sgd_schedulefree",
+            "optim.lr=1e30",
+            "train.max_nonfinite_steps=2",
+            "train.max_steps=8",
+            f"output_dir={tmp_path}",
+        ],
+        check=False,
+    )
     assert proc.returncode != 0
     assert "2 non-finite steps in a row" in proc.stderr
     assert "step skipped (1 in a row)" in proc.stdout + proc.stderr
@@ -202,8 +297,17 @@ def test_adarand_fine_tuning_is_the_same_on_two_processes_and_after_resharding(s
     pretrained = tmp_path / "pretrained.pt"
     torch.manual_seed(7)
     torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), pretrained)
-    common = [*TINY, f"data.shards={shards}", "model.bn=frozen", "data.images_per_class=3", "optim.lr=1e-4",
-              f"model.pretrained={pretrained}", "loss.adarand=true", "loss.adarand_lambda=0.5", "checkpoint.every=3"]
+    common = [
+        *TINY,
+        f"data.shards={shards}",
+        "model.bn=frozen",
+        "data.images_per_class=3",
+        "optim.lr=1e-4",
+        f"model.pretrained={pretrained}",
+        "loss.adarand=true",
+        "loss.adarand_lambda=0.5",
+        "checkpoint.every=3",
+    ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     train([*common, "data.classes_per_batch=4", "train.max_steps=4", f"output_dir={straight}"])
     train([*common, "data.classes_per_batch=2", "train.max_steps=3", f"output_dir={split}"], nproc=2)
@@ -231,50 +335,93 @@ def test_fp16_with_loss_scaling_tracks_fp32_and_skips_overflows_without_counting
     the sharded head: close to fp32 but not equal (fp16 really ran); with a huge initial scale the first
     steps overflow and are skipped by the scaler, never counted as non-finite steps, and training goes on."""
     # 2 x 2 images a step: float16 convolutions on a CPU are slow (this test: 330 s at 8 x 4, 76 s at 2 x 2)
-    common = [*TINY, f"data.shards={shards}", "loss.head=arcface", "loss.scale=16", "train.max_nonfinite_steps=2",
-              "data.classes_per_batch=2", "data.images_per_class=2"]
+    common = [
+        *TINY,
+        f"data.shards={shards}",
+        "loss.head=arcface",
+        "loss.scale=16",
+        "train.max_nonfinite_steps=2",
+        "data.classes_per_batch=2",
+        "data.images_per_class=2",
+    ]
     train([*common, "train.max_steps=5", f"output_dir={tmp_path / 'fp32'}"])
-    _train_fp16_on_cpu([*common, "train.mixed_precision=fp16", "train.max_steps=5", f"output_dir={tmp_path / 'fp16'}"],
-                       init_scale=2.0**8)
+    _train_fp16_on_cpu(
+        [*common, "train.mixed_precision=fp16", "train.max_steps=5", f"output_dir={tmp_path / 'fp16'}"],
+        init_scale=2.0**8,
+    )
     fp32, fp16 = metrics(tmp_path / "fp32"), metrics(tmp_path / "fp16")
     # RAdam leaves the weights alone for its first steps: there only the forward's precision differs
     for a, b in zip(fp32[:4], fp16[:4]):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=2e-2)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2) and b["grad_norm"] == pytest.approx(
+            a["grad_norm"], rel=2e-2
+        )
     assert any(a["loss"] != b["loss"] for a, b in zip(fp32, fp16))
-    state = torch.load(sorted((tmp_path / "fp16" / "checkpoints").glob("step_*"))[-1] / "train_state.pt", weights_only=True)
+    state = torch.load(
+        sorted((tmp_path / "fp16" / "checkpoints").glob("step_*"))[-1] / "train_state.pt", weights_only=True
+    )
     assert state["scaler"]["scale"] == 2.0**8  # no overflow at this scale, and the scaler's state is saved
     train_weights, _ = final_weights(tmp_path / "fp16")
     assert all(v.dtype == torch.float32 for v in train_weights.values() if v.is_floating_point())
 
-    out = _train_fp16_on_cpu([*common, "train.mixed_precision=fp16", "train.max_steps=16",
-                              f"output_dir={tmp_path / 'overflow'}"], init_scale=2.0**24)
+    out = _train_fp16_on_cpu(
+        [*common, "train.mixed_precision=fp16", "train.max_steps=16", f"output_dir={tmp_path / 'overflow'}"],
+        init_scale=2.0**24,
+    )
     records = metrics(tmp_path / "overflow")
     assert len(records) == 16 and "non-finite" not in out.stdout + out.stderr
     assert all(r["nonfinite_in_a_row"] == 0 for r in records)
     skipped = [r["step"] for r in records if not math.isfinite(r["grad_norm"])]
     assert skipped[:1] == [1] and len(skipped) < 16  # the first steps overflow, then training steps
-    state = torch.load(sorted((tmp_path / "overflow" / "checkpoints").glob("step_*"))[-1] / "train_state.pt",
-                       weights_only=True)
+    state = torch.load(
+        sorted((tmp_path / "overflow" / "checkpoints").glob("step_*"))[-1] / "train_state.pt", weights_only=True
+    )
     assert state["scaler"]["scale"] == 2.0 ** (24 - len(skipped))  # halved once per skipped step
 
 
 # --- the fine-tuning recipe (configs/faces_finetune.yaml): its own loss, augmentation and flip TTA, a tiny network
 
+
 def test_faces_finetune_recipe_trains_and_its_checkpoint_embeds_with_flip(shards, tmp_path):
     import numpy as np
+
     from facedist.inference_cli import embed_main
 
     out = tmp_path / "run"
-    train(["--config", str(REPO / "configs" / "faces_finetune.yaml"), f"data.shards={shards}", "model.backbone=resnet10t",
-           "model.embedding_dim=16", "model.image_size=32", "model.channels_last=false", "data.num_workers=0",
-           "train.max_steps=6", "train.log_every=1", "eval.every=0", f"output_dir={out}"])
+    train(
+        [
+            "--config",
+            str(REPO / "configs" / "faces_finetune.yaml"),
+            f"data.shards={shards}",
+            "model.backbone=resnet10t",
+            "model.embedding_dim=16",
+            "model.image_size=32",
+            "model.channels_last=false",
+            "data.num_workers=0",
+            "train.max_steps=6",
+            "train.log_every=1",
+            "eval.every=0",
+            f"output_dir={out}",
+        ]
+    )
     losses = [r["loss"] for r in metrics(out) if "loss" in r]
     assert len(losses) == 6 and all(math.isfinite(v) and v > 0 for v in losses)
     assert any((out / "checkpoints").glob("step_*/head"))  # the margin head's rows are checkpointed
     vectors = {}
     for name, args in (("default", []), ("flip", ["--flip"]), ("plain", ["--no-flip"])):
-        embed_main(["--checkpoint", str(out), "--folder", str(shards.parent / "faces"), "--out", str(tmp_path / f"{name}.npz"),
-                    "--num-workers", "0", "--cpu", *args])
+        embed_main(
+            [
+                "--checkpoint",
+                str(out),
+                "--folder",
+                str(shards.parent / "faces"),
+                "--out",
+                str(tmp_path / f"{name}.npz"),
+                "--num-workers",
+                "0",
+                "--cpu",
+                *args,
+            ]
+        )
         vectors[name] = np.load(tmp_path / f"{name}.npz")["embeddings"]
     assert np.array_equal(vectors["default"], vectors["flip"])  # the recipe's eval.flip, recorded in the checkpoint
     assert not np.allclose(vectors["default"], vectors["plain"])
@@ -293,9 +440,20 @@ def recipe_run(shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
     lfw = write_bin_from_folder(shards.parent / "faces", root / "lfw.bin", num_pairs=40, seed=1)
     out = root / "run"
-    overrides = [f"data.shards={shards}", "model.backbone=iresnet18_narrow", "data.batch_size=16", "data.num_workers=0",
-                 "train.max_steps=12", "train.log_every=1", "train.mixed_precision=no", "eval.every=12",
-                 "eval.max_images=0", f"eval.bins=[{lfw}]", "checkpoint.every=0", f"output_dir={out}"]
+    overrides = [
+        f"data.shards={shards}",
+        "model.backbone=iresnet18_narrow",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "train.max_steps=12",
+        "train.log_every=1",
+        "train.mixed_precision=no",
+        "eval.every=12",
+        "eval.max_images=0",
+        f"eval.bins=[{lfw}]",
+        "checkpoint.every=0",
+        f"output_dir={out}",
+    ]
     proc = train(["--config", RECIPE, *overrides])
     return out, overrides, proc
 
@@ -313,8 +471,13 @@ def test_recipe_smoke_run_learns_and_logs_a_bin_accuracy(recipe_run):
 
 def test_init_from_starts_a_new_run_from_the_evaluation_weights_and_resume_wins(recipe_run, tmp_path):
     source, overrides, _ = recipe_run
-    fine_tune = [*overrides[:-1], "train.max_steps=1", "eval.every=1", f"output_dir={tmp_path / 'ft'}",
-                 f"model.init_from={source}"]
+    fine_tune = [
+        *overrides[:-1],
+        "train.max_steps=1",
+        "eval.every=1",
+        f"output_dir={tmp_path / 'ft'}",
+        f"model.init_from={source}",
+    ]
     proc = train(["--config", RECIPE, *fine_tune])
     assert f"starting from the embedding model of {source}" in proc.stdout + proc.stderr
     first = metrics(tmp_path / "ft")[0]
@@ -327,24 +490,31 @@ def test_init_from_starts_a_new_run_from_the_evaluation_weights_and_resume_wins(
 
 def test_init_from_a_backbone_file_and_a_bad_one(recipe_run, tmp_path):
     source, overrides, _ = recipe_run
-    backbone = {k.removeprefix("backbone."): v for k, v in load_file(str(sorted(
-        (source / "checkpoints").glob("step_*"))[-1] / "model.safetensors")).items()}
+    backbone = {
+        k.removeprefix("backbone."): v
+        for k, v in load_file(str(sorted((source / "checkpoints").glob("step_*"))[-1] / "model.safetensors")).items()
+    }
     torch.save(backbone, tmp_path / "backbone.pth")  # as InsightFace releases them: the backbone's state dict
     common = [*overrides[:-1], "train.max_steps=1", "eval.every=0", "eval.bins=[]", f"output_dir={tmp_path / 'ft'}"]
     proc = train(["--config", RECIPE, *common, f"model.init_from={tmp_path / 'backbone.pth'}"])
     assert "starting from the backbone weights in" in proc.stdout + proc.stderr
     torch.save({"fc.weight": backbone["fc.weight"]}, tmp_path / "partial.pth")
-    proc = train(["--config", RECIPE, *common, f"output_dir={tmp_path / 'bad'}",
-                  f"model.init_from={tmp_path / 'partial.pth'}"], check=False)
+    proc = train(
+        ["--config", RECIPE, *common, f"output_dir={tmp_path / 'bad'}", f"model.init_from={tmp_path / 'partial.pth'}"],
+        check=False,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "model.init_from:" in proc.stderr and "missing keys ['conv1.weight'" in proc.stderr
 
 
 # --- what a GPU would wait on, per training step (tests/count_syncs.py counts it)
 MAX_SYNCS, MAX_COLLECTIVES = 4, 8
-COUNTED_RUNS = {"head_and_triplet": ["loss.head=arcface"], "triplet": [],
-                "head_ema": ["loss.pair=none", "loss.head=arcface", "optim.name=adamw_cosine", "optim.ema_decay=0.9"],
-                "head_adarand": ["loss.pair=none", "loss.head=cosface", "loss.adarand=true"]}  # + model.pretrained
+COUNTED_RUNS = {
+    "head_and_triplet": ["loss.head=arcface"],
+    "triplet": [],
+    "head_ema": ["loss.pair=none", "loss.head=arcface", "optim.name=adamw_cosine", "optim.ema_decay=0.9"],
+    "head_adarand": ["loss.pair=none", "loss.head=cosface", "loss.adarand=true"],
+}  # + model.pretrained
 
 
 @pytest.mark.distributed
@@ -353,19 +523,43 @@ COUNTED_RUNS = {"head_and_triplet": ["loss.head=arcface"], "triplet": [],
 def test_a_training_step_has_a_constant_number_of_syncs_and_collectives(shards, tmp_path, world):
     """Steps 2-4 of 5 (step 3 logs; step 1 creates optimizer state, step 5 checkpoints) on every rank:
     at most 4 device->host syncs and 8 collectives, whatever W (today's main: 6W + 7 syncs, 15 collectives)."""
-    common = [*TINY, f"data.shards={shards}", "data.classes_per_batch=2", "data.images_per_class=2",
-              "train.max_steps=5", "train.log_every=3"]
+    common = [
+        *TINY,
+        f"data.shards={shards}",
+        "data.classes_per_batch=2",
+        "data.images_per_class=2",
+        "train.max_steps=5",
+        "train.log_every=3",
+    ]
     import timm
 
     pretrained = tmp_path / "pretrained.pt"
     torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), pretrained)
     runs = []
     for name, args in COUNTED_RUNS.items():
-        runs += ["--", name, *args, f"output_dir={tmp_path / name}"] + (["model.pretrained=" + str(pretrained)] if "loss.adarand=true" in args else [])
-    launcher = ([sys.executable] if world == 1 else
-                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(_port())])
-    proc = subprocess.run([*launcher, str(REPO / "tests" / "count_syncs.py"), str(tmp_path / "counts"), *common, *runs],
-                          env=_env(), capture_output=True, text=True, timeout=900)
+        runs += ["--", name, *args, f"output_dir={tmp_path / name}"] + (
+            ["model.pretrained=" + str(pretrained)] if "loss.adarand=true" in args else []
+        )
+    launcher = (
+        [sys.executable]
+        if world == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(world),
+            "--master_port",
+            str(_port()),
+        ]
+    )
+    proc = subprocess.run(
+        [*launcher, str(REPO / "tests" / "count_syncs.py"), str(tmp_path / "counts"), *common, *runs],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in COUNTED_RUNS:
         for rank in range(world):
@@ -406,8 +600,14 @@ def test_sync_counter_sees_what_pml_and_masks_do_in_cpp():
 # Stop signals reach every process of a run (Slurm signals the whole step): trainers, loader workers, their
 # fork server; the launcher's agent ignores SIGUSR1 as in slurm/train.sh. Tiny steps, so the signal lands mid-run.
 STOP_STEPS = 30
-STOP = [*TINY, "data.num_workers=2", "model.bn=frozen", "data.images_per_class=2", "optim.lr=1e-4",
-        f"train.max_steps={STOP_STEPS}"]
+STOP = [
+    *TINY,
+    "data.num_workers=2",
+    "model.bn=frozen",
+    "data.images_per_class=2",
+    "optim.lr=1e-4",
+    f"train.max_steps={STOP_STEPS}",
+]
 
 
 @pytest.fixture(scope="module")
@@ -436,12 +636,30 @@ def _process_tree(root: int) -> list[int]:
 
 def _signal_every_process_mid_run(args, nproc, out):
     """Start a run, send SIGUSR1 to every process of it at step >= 3, wait for the end."""
-    launcher = ([sys.executable, TRAIN] if nproc == 1 else
-                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                 str(_port()), TRAIN])
+    launcher = (
+        [sys.executable, TRAIN]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(_port()),
+            TRAIN,
+        ]
+    )
     ignore_usr1 = lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # noqa: E731  (the agent, as train.sh)
-    proc = subprocess.Popen([*launcher, *args, f"output_dir={out}"], env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=ignore_usr1)
+    proc = subprocess.Popen(
+        [*launcher, *args, f"output_dir={out}"],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=ignore_usr1,
+    )
     try:
         deadline = time.monotonic() + 300
         while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
@@ -471,7 +689,8 @@ def _assert_same_losses(out, reference, rel):
 
 @pytest.mark.slow
 def test_a_signal_to_every_process_checkpoints_and_resumes_exactly_then_a_rollback_moves_the_newer_aside(
-        shards, uninterrupted, tmp_path):
+    shards, uninterrupted, tmp_path
+):
     args = [*STOP, f"data.shards={shards}", "data.classes_per_batch=4", "checkpoint.every=0"]
     out = tmp_path / "run"
     step = _signal_every_process_mid_run(args, 1, out)
@@ -479,15 +698,24 @@ def test_a_signal_to_every_process_checkpoints_and_resumes_exactly_then_a_rollba
     _assert_same_losses(out, uninterrupted, rel=1e-6)
 
     # roll back to the signal's checkpoint: the step-30 one and the log after `step` are another branch now
-    back = train([*args, f"train.max_steps={step + 1}", f"output_dir={out}", "--resume",
-                  str(out / "checkpoints" / f"step_{step:08d}")])
+    back = train(
+        [
+            *args,
+            f"train.max_steps={step + 1}",
+            f"output_dir={out}",
+            "--resume",
+            str(out / "checkpoints" / f"step_{step:08d}"),
+        ]
+    )
     (superseded,) = (out / "checkpoints").glob("superseded-*")
     assert f"moved the newer checkpoints (step_{STOP_STEPS:08d})" in back.stdout + back.stderr
     assert (superseded / f"step_{STOP_STEPS:08d}" / "meta.json").is_file()
-    assert [json.loads(line)["step"] for line in (superseded / "metrics.jsonl").read_text().splitlines()] == \
-        list(range(step + 1, STOP_STEPS + 1))
+    assert [json.loads(line)["step"] for line in (superseded / "metrics.jsonl").read_text().splitlines()] == list(
+        range(step + 1, STOP_STEPS + 1)
+    )
     assert [r["step"] for r in metrics(out)] == list(range(1, step + 2))
     from facedist.checkpoint import latest_checkpoint
+
     assert latest_checkpoint(out).name == f"step_{step + 1:08d}"  # what `--resume auto` continues from
 
 
@@ -504,17 +732,33 @@ def test_a_signal_to_every_process_of_two_checkpoints_on_both_and_resumes_exactl
 @pytest.fixture(scope="module")
 def many_shards(tmp_path_factory):
     """600 shards of one image each: 480 train, 120 val."""
-    out = _synth_shards(tmp_path_factory.mktemp("many_shards"), 60, 10, 16, 1, "--max-samples", "1",
-                        "--val-identities", "12")
+    out = _synth_shards(
+        tmp_path_factory.mktemp("many_shards"), 60, 10, 16, 1, "--max-samples", "1", "--val-identities", "12"
+    )
     assert len(list(out.glob("*.tar"))) == 600
     return out
 
 
 def test_training_and_evaluation_over_600_shards_under_64_open_files(many_shards, tmp_path):
     limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))  # noqa: E731  (ulimit -n 64)
-    proc = subprocess.run([sys.executable, TRAIN, *TINY, f"data.shards={many_shards}", "data.num_workers=1",
-                           "data.classes_per_batch=8", "train.max_steps=2", "eval.every=2", "eval.batch_size=32",
-                           f"output_dir={tmp_path}"], env=_env(), capture_output=True, text=True, timeout=600,
-                          preexec_fn=limit)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            TRAIN,
+            *TINY,
+            f"data.shards={many_shards}",
+            "data.num_workers=1",
+            "data.classes_per_batch=8",
+            "train.max_steps=2",
+            "eval.every=2",
+            "eval.batch_size=32",
+            f"output_dir={tmp_path}",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=limit,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert metrics(tmp_path)[-1]["val_auc"] > 0  # all 120 validation shards read

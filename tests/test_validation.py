@@ -4,24 +4,31 @@ import contextlib
 
 import pytest
 import torch
-
 from dist_utils import run_distributed
+
 from facedist.config import load_config
 from facedist.data.index import ShardIndex
 from facedist.data.shards import ShardError
 from facedist.evaluation.validation import embed_split, validation_index
 from facedist.model import build_model, preprocessing
 
-OVERRIDES = ["model.backbone=resnet10t", "model.embedding_dim=8", "model.image_size=32", "eval.max_images=2",
-             "eval.batch_size=1", "data.num_workers=0"]
+OVERRIDES = [
+    "model.backbone=resnet10t",
+    "model.embedding_dim=8",
+    "model.image_size=32",
+    "eval.max_images=2",
+    "eval.batch_size=1",
+    "data.num_workers=0",
+]
 
 
 def _embed(rank, world_size, shards):
     cfg = load_config(None, [*OVERRIDES, f"data.shards={shards}"])
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
-    embeddings, labels = embed_split(model, ShardIndex(shards, "val"), cfg, preprocessing(model, 32), "cpu",
-                                     contextlib.nullcontext)
+    embeddings, labels = embed_split(
+        model, ShardIndex(shards, "val"), cfg, preprocessing(model, 32), "cpu", contextlib.nullcontext
+    )
     return embeddings, labels
 
 
@@ -39,7 +46,11 @@ def test_evaluating_without_a_validation_split_says_what_to_do(synth_shards):
     cfg = load_config(None, [f"data.shards={synth_shards}", "data.split_val=holdout"])
     with pytest.raises(ShardError) as err:
         validation_index(cfg)
-    assert "no split 'holdout'" in str(err.value) and "eval.every=0" in str(err.value) and "--val-identities" in str(err.value)
+    assert (
+        "no split 'holdout'" in str(err.value)
+        and "eval.every=0" in str(err.value)
+        and "--val-identities" in str(err.value)
+    )
     assert validation_index(load_config(None, [f"data.shards={synth_shards}", "eval.every=0"])) is None
 
 

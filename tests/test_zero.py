@@ -25,12 +25,27 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 16  # RAdam leaves the weights alone for 5 steps; x and y part only after them
-COMMON = ["model.backbone=resnet10t", "model.embedding_dim=16", "model.image_size=32", "data.num_workers=0",
-          "model.bn=batch", "data.classes_per_batch=2", "data.images_per_class=3", f"train.max_steps={STEPS}",
-          "optim.name=radam_schedulefree", "optim.lr=1e-2", "loss.miner=semihard", "loss.pair_margin=0.3",
-          "loss.head=arcface",  # the sharded head: outside the DeepSpeed engine, its own optimizer and files
-          "train.log_every=1", "eval.every=8", "eval.bn_recal_batches=2", "checkpoint.every=8", "checkpoint.keep=2",
-          "train.timeout_s=120"]
+COMMON = [
+    "model.backbone=resnet10t",
+    "model.embedding_dim=16",
+    "model.image_size=32",
+    "data.num_workers=0",
+    "model.bn=batch",
+    "data.classes_per_batch=2",
+    "data.images_per_class=3",
+    f"train.max_steps={STEPS}",
+    "optim.name=radam_schedulefree",
+    "optim.lr=1e-2",
+    "loss.miner=semihard",
+    "loss.pair_margin=0.3",
+    "loss.head=arcface",  # the sharded head: outside the DeepSpeed engine, its own optimizer and files
+    "train.log_every=1",
+    "eval.every=8",
+    "eval.bn_recal_batches=2",
+    "checkpoint.every=8",
+    "checkpoint.keep=2",
+    "train.timeout_s=120",
+]
 TIMING = ("images_per_s", "data_wait_fraction", "memory_mb", "val_time_s")
 RTOL, ATOL = 1e-4, 1e-5
 BF16_RTOL = 1e-2  # a bf16 forward vs an fp32 one: a few units of bf16's 8-bit mantissa
@@ -42,6 +57,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 def _require_deepspeed() -> None:
     try:
         import deepspeed  # noqa: F401
+
         importlib.metadata.version("transformers")
     except (ImportError, importlib.metadata.PackageNotFoundError) as err:
         if os.environ.get("CI") == "true":
@@ -61,17 +77,31 @@ def launch(config: str, args: list) -> subprocess.CompletedProcess:
     env.pop("ACCELERATE_USE_CPU", None)
     if config == "cpu_2proc":
         env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo; with DeepSpeed it would switch DeepSpeed off
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           str(REPO / "launch" / f"{config}.yaml"), str(REPO / "facedist" / "train.py"), *args],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "launch" / f"{config}.yaml"),
+            str(REPO / "facedist" / "train.py"),
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode != 0:
         raise AssertionError(proc.stdout[-3000:] + proc.stderr[-5000:])
     return proc
 
 
 def metrics(out: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in TIMING}
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def weights(out: Path, step: int) -> tuple[dict, dict]:
@@ -153,16 +183,31 @@ def test_zero2_resume_continues_exactly(zero2, shards, tmp_path):
 def test_zero_checkpoint_is_not_resumed_without_deepspeed(zero2, shards, tmp_path):
     shutil.copytree(zero2, tmp_path, dirs_exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    proc = subprocess.run([sys.executable, str(REPO / "facedist" / "train.py"), *COMMON, f"data.shards={shards}",
-                           f"output_dir={tmp_path}", f"train.max_steps={STEPS + 1}", "--resume", "auto"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "facedist" / "train.py"),
+            *COMMON,
+            f"data.shards={shards}",
+            f"output_dir={tmp_path}",
+            f"train.max_steps={STEPS + 1}",
+            "--resume",
+            "auto",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "holds DeepSpeed ZeRO optimizer state" in proc.stderr and "deepspeed_zero2.yaml" in proc.stderr
 
 
 def test_zero2_bf16_keeps_fp32_weights_and_tracks_fp32(ddp, shards, tmp_path):
     """bf16 as under DDP: fp32 weights, forward under torch.autocast (DeepSpeed's torch_autocast section)."""
-    launch("deepspeed_zero2", [*COMMON, "train.mixed_precision=bf16", f"data.shards={shards}", f"output_dir={tmp_path}"])
+    launch(
+        "deepspeed_zero2", [*COMMON, "train.mixed_precision=bf16", f"data.shards={shards}", f"output_dir={tmp_path}"]
+    )
     fp32, bf16 = metrics(ddp), metrics(tmp_path)
     assert [r["step"] for r in bf16] == [r["step"] for r in fp32]
     assert all(math.isfinite(r["loss"]) for r in bf16[1:])
@@ -184,9 +229,16 @@ def _zero_evaluation_weights(rank, world_size, stage, steps):
 
     os.environ["LOCAL_RANK"] = str(rank)  # what DeepSpeed reads from a launcher (one machine here)
     net = _net()
-    optimizer, _ = build_optimizer(net.parameters(), OptimConfig(name="adamw_schedulefree", lr=0.05, weight_decay=0.0), steps)
-    config = {"train_micro_batch_size_per_gpu": 16 // world_size, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
+    optimizer, _ = build_optimizer(
+        net.parameters(), OptimConfig(name="adamw_schedulefree", lr=0.05, weight_decay=0.0), steps
+    )
+    config = {
+        "train_micro_batch_size_per_gpu": 16 // world_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,
+    }
     optimizer.state.clear()  # what zero.configure does: no empty per-parameter entries
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=config)
     before_training = zero.evaluation_state_dict(engine.module, ds_optimizer)  # z does not exist yet
@@ -217,7 +269,9 @@ def test_evaluation_state_dict_equals_schedulefree_eval(stage):
     steps = 5
     net = _net()
     initial = {k: v.clone() for k, v in net.state_dict().items()}
-    optimizer, _ = build_optimizer(net.parameters(), OptimConfig(name="adamw_schedulefree", lr=0.05, weight_decay=0.0), steps)
+    optimizer, _ = build_optimizer(
+        net.parameters(), OptimConfig(name="adamw_schedulefree", lr=0.05, weight_decay=0.0), steps
+    )
     for x in _batches(steps):
         net(x).pow(2).mean().backward()
         optimizer.step()

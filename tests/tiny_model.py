@@ -14,14 +14,30 @@ from facedist.model import build_model, preprocessing
 TINY_BACKBONE = "mobilenetv3_small_050"
 
 
-def save_tiny_model(output_dir: Path, image_size: int = 64, embedding_dim: int = 32, seed: int = 0,
-                    input_norm: str = "none", backbone: str = TINY_BACKBONE, flip: bool = False,
-                    neck: str = "pool", input_scale: float = 1.0):
+def save_tiny_model(
+    output_dir: Path,
+    image_size: int = 64,
+    embedding_dim: int = 32,
+    seed: int = 0,
+    input_norm: str = "none",
+    backbone: str = TINY_BACKBONE,
+    flip: bool = False,
+    neck: str = "pool",
+    input_scale: float = 1.0,
+):
     """A training output_dir with one checkpoint (step 7) holding only model.safetensors (random weights,
     non-trivial BN statistics); returns (model in eval mode, preprocessing, the model.safetensors file)."""
     torch.manual_seed(seed)
-    cfg = Config(model=ModelConfig(backbone=backbone, embedding_dim=embedding_dim, image_size=image_size,
-                                   input_norm=input_norm, neck=neck, input_scale=input_scale))
+    cfg = Config(
+        model=ModelConfig(
+            backbone=backbone,
+            embedding_dim=embedding_dim,
+            image_size=image_size,
+            input_norm=input_norm,
+            neck=neck,
+            input_scale=input_scale,
+        )
+    )
     model = build_model(cfg.model)
     with torch.no_grad():  # a few train-mode passes give BN running statistics other than 0/1
         for _ in range(2):
@@ -29,5 +45,7 @@ def save_tiny_model(output_dir: Path, image_size: int = 64, embedding_dim: int =
     model.eval()
     pre = {**preprocessing(model, image_size), "flip": flip}  # as training stores it (eval.flip)
     writer = CheckpointWriter(output_dir, keep=1, rank=0, barrier=lambda: None)
-    checkpoint = writer.save(7, {}, {EMBEDDING_FILE: lambda tmp: save_embedding_model(model, pre, cfg.to_dict(), tmp, step=7)}, {})
+    checkpoint = writer.save(
+        7, {}, {EMBEDDING_FILE: lambda tmp: save_embedding_model(model, pre, cfg.to_dict(), tmp, step=7)}, {}
+    )
     return model, pre, checkpoint / EMBEDDING_FILE

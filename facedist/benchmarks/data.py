@@ -1,6 +1,7 @@
 """Training input pipeline per core: today's path against the pipeline it replaced, side by side, as JSON.
 
-    python -m facedist.bench data --config CFG --shards DIR --image-size S --device cpu|cuda [--batches 8] [--rounds 5] [key=value ...]
+    python -m facedist.bench data --config CFG --shards DIR --image-size S --device cpu|cuda \
+        [--batches 8] [--rounds 5] [key=value ...]
 
 One core (`torch.set_num_threads(1)`, OpenCV single-threaded, no loader workers), the whole path from the
 pread to the normalised float batch on the device (device work included, so on a CPU it is counted):
@@ -72,8 +73,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     allocator_kept = keep_freed_memory()
-    cfg = load_config(args.config, [*args.overrides, f"data.shards={args.shards}", "data.num_workers=0",
-                                    f"model.image_size={args.image_size}"])
+    cfg = load_config(
+        args.config,
+        [*args.overrides, f"data.shards={args.shards}", "data.num_workers=0", f"model.image_size={args.image_size}"],
+    )
     device, size = torch.device(args.device), args.image_size
     prep = {"image_size": size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     index = ShardIndex(cfg.data.shards, cfg.data.split_train)
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
     per_batch = len(items) // (args.batches + 1)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    batches = [items[k * per_batch:(k + 1) * per_batch] for k in range(args.batches + 1)]
+    batches = [items[k * per_batch : (k + 1) * per_batch] for k in range(args.batches + 1)]
     dataset = loader.dataset
     encoded = {s: index.read_image_bytes(s) for s, _ in items}
     pixels = {s: to_model_size(decode_rgb(encoded[s]), size) for s, _ in items}
@@ -124,17 +127,33 @@ def main(argv=None) -> int:
         for name, (fn, fn_batches) in paths.items():
             rounds[name].append(timed(fn, fn_batches))
     new, old, read, decode, warp, device_step = (statistics.median(rounds[name]) for name in paths)
-    result = {"config": args.config, "overrides": args.overrides, "shards": str(args.shards),
-              "shard_image_size": index.image_size, "image_format": index.image_format, "image_size": size,
-              "augment": cfg.data.augment.__dict__, "batch": per_batch, "batches": args.batches, "rounds": args.rounds,
-              **device_info(device), "allocator_keeps_freed_memory": allocator_kept,
-              "images_per_s": 1 / new, "previous_images_per_s": 1 / old, "speedup": old / new,
-              "speedup_per_round": [o / n for o, n in zip(rounds["previous"], rounds["new"])],
-              "decode_floor_images_per_s": 1 / (read + decode),
-              "stages_us": {"read": 1e6 * read, "decode": 1e6 * decode, "warp": 1e6 * warp,
-                            "device_photometric_normalise": 1e6 * device_step,
-                            "rest (collate, draws, resize)": 1e6 * (new - read - decode - warp - device_step)},
-              "previous_us_per_image": 1e6 * old}
+    result = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "shards": str(args.shards),
+        "shard_image_size": index.image_size,
+        "image_format": index.image_format,
+        "image_size": size,
+        "augment": cfg.data.augment.__dict__,
+        "batch": per_batch,
+        "batches": args.batches,
+        "rounds": args.rounds,
+        **device_info(device),
+        "allocator_keeps_freed_memory": allocator_kept,
+        "images_per_s": 1 / new,
+        "previous_images_per_s": 1 / old,
+        "speedup": old / new,
+        "speedup_per_round": [o / n for o, n in zip(rounds["previous"], rounds["new"])],
+        "decode_floor_images_per_s": 1 / (read + decode),
+        "stages_us": {
+            "read": 1e6 * read,
+            "decode": 1e6 * decode,
+            "warp": 1e6 * warp,
+            "device_photometric_normalise": 1e6 * device_step,
+            "rest (collate, draws, resize)": 1e6 * (new - read - decode - warp - device_step),
+        },
+        "previous_us_per_image": 1e6 * old,
+    }
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -2,7 +2,8 @@
 
 `python -m facedist.bench eval [--sizes 10000,50000] [--dim 512] [--per-identity 10] [--devices cpu,cuda]
 [--world-sizes 1,2]` prints one JSON object. With --world-sizes, the all-pairs pass is split across that many
-processes (gloo on CPU, one GPU each with NCCL), as evaluation during training does; the time is rank 0's. Embeddings are random identity centres plus noise (so genuine and impostor scores
+processes (gloo on CPU, one GPU each with NCCL), as evaluation during training does; the time is rank 0's.
+Embeddings are random identity centres plus noise (so genuine and impostor scores
 look like a trained model's, which matters for the searchsorted access pattern), created on the device
 before timing. The time covers the whole exact computation: quantisation, genuine scores, the chunked
 all-pairs pass and the ROC metrics. CUDA is timed when available, after one small warm-up run.
@@ -44,9 +45,17 @@ def _time(n: int, args, device: str, world_size: int = 1) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     pairs = n * (n - 1) // 2
-    result = {"device": device, "world_size": world_size, "images": n, "pairs": pairs, "seconds": round(seconds, 3),
-              "pairs_per_s": round(pairs / seconds), "chunk_rows": chunk_rows(n, args.chunk_size),
-              "num_genuine": metrics["num_genuine"], "auc": round(metrics["auc"], 6)}
+    result = {
+        "device": device,
+        "world_size": world_size,
+        "images": n,
+        "pairs": pairs,
+        "seconds": round(seconds, 3),
+        "pairs_per_s": round(pairs / seconds),
+        "chunk_rows": chunk_rows(n, args.chunk_size),
+        "num_genuine": metrics["num_genuine"],
+        "auc": round(metrics["auc"], 6),
+    }
     if device == "cuda":
         result["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
     return result
@@ -57,8 +66,9 @@ def _rank_main(rank: int, world_size: int, port: int, n: int, args, device: str,
         torch.cuda.set_device(rank)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world_size)
+    dist.init_process_group(
+        "nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
     result = _time(n, args, device, world_size)
     if rank == 0:
         with open(out, "w") as f:
@@ -96,16 +106,24 @@ def main(argv: list[str] | None = None) -> int:
     for device in devices:
         if device == "cuda":
             _time(2000, args, device)  # warm-up: CUDA context, cuBLAS handles
-        results += [_time(int(n), args, device) if w == 1 else _time_split(int(n), args, device, w)
-                    for n in args.sizes.split(",") for w in world_sizes]
-    print(json.dumps({
-        "benchmark": "eval",
-        "dim": args.dim,
-        "per_identity": args.per_identity,
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name() if "cuda" in devices else None,
-        "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "results": results,
-    }, indent=1))
+        results += [
+            _time(int(n), args, device) if w == 1 else _time_split(int(n), args, device, w)
+            for n in args.sizes.split(",")
+            for w in world_sizes
+        ]
+    print(
+        json.dumps(
+            {
+                "benchmark": "eval",
+                "dim": args.dim,
+                "per_identity": args.per_identity,
+                "cpu_threads": torch.get_num_threads(),
+                "cpu_count": os.cpu_count(),
+                "gpu": torch.cuda.get_device_name() if "cuda" in devices else None,
+                "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                "results": results,
+            },
+            indent=1,
+        )
+    )
     return 0

@@ -52,8 +52,17 @@ def _state_bytes(head, optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def measure(cfg: Config, classes: int, batch: int, world_size: int, rank: int, device: torch.device,
-            steps: int, warmup: int, with_train_step: bool = False) -> dict:
+def measure(
+    cfg: Config,
+    classes: int,
+    batch: int,
+    world_size: int,
+    rank: int,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    with_train_step: bool = False,
+) -> dict:
     """One configuration on this rank: memory and median times of `steps` timed head steps (and training steps)."""
     head, optimizer = build_head(cfg, classes, world_size, rank, device)
     local_batch = batch // world_size
@@ -85,8 +94,9 @@ def measure(cfg: Config, classes: int, batch: int, world_size: int, rank: int, d
                 times[key].append(seconds * 1e3)
     result = {f"{k}_ms": statistics.median(v) for k, v in times.items()}
     result["step_ms"] = sum(result.values())
-    result.update(rows=head.row_stop - head.row_start, state_mb=state_bytes / 2**20,
-                  logits_mb=batch * kept_local * 4 / 2**20)
+    result.update(
+        rows=head.row_stop - head.row_start, state_mb=state_bytes / 2**20, logits_mb=batch * kept_local * 4 / 2**20
+    )
     if device.type == "cuda":
         result["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     if with_train_step:
@@ -94,8 +104,9 @@ def measure(cfg: Config, classes: int, batch: int, world_size: int, rank: int, d
     return result
 
 
-def train_step(cfg: Config, head, head_optimizer, local_batch: int, world_size: int, device: torch.device,
-               steps: int, warmup: int) -> dict:
+def train_step(
+    cfg: Config, head, head_optimizer, local_batch: int, world_size: int, device: torch.device, steps: int, warmup: int
+) -> dict:
     """Median time and peak memory of the training step around `head`: images -> backbone -> head -> both steps."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -134,7 +145,7 @@ def train_step(cfg: Config, head, head_optimizer, local_batch: int, world_size: 
     else:  # one more step, counted tensor by tensor (too slow to time)
         tracker = MemTracker()
         for param in model.parameters():  # MemTracker hooks every parameter and raises on frozen ones (IResNet's
-            param.requires_grad_(True)    # embedding BN scale); this last step is only measured, never used
+            param.requires_grad_(True)  # embedding BN scale); this last step is only measured, never used
         tracker.track_external(model, head, optimizer, head_optimizer, images, labels)
         with tracker:
             step(warmup + steps)
@@ -143,20 +154,45 @@ def train_step(cfg: Config, head, head_optimizer, local_batch: int, world_size: 
 
 
 def _config(args, rate: float) -> Config:
-    return load_config(None, [f"model.embedding_dim={args.dim}", f"loss.head={args.head}", f"loss.sample_rate={rate}",
-                              f"optim.name={args.optim}", f"train.mixed_precision={args.mixed_precision}",
-                              f"model.backbone={args.backbone}", f"model.image_size={args.image_size}"])
+    return load_config(
+        None,
+        [
+            f"model.embedding_dim={args.dim}",
+            f"loss.head={args.head}",
+            f"loss.sample_rate={rate}",
+            f"optim.name={args.optim}",
+            f"train.mixed_precision={args.mixed_precision}",
+            f"model.backbone={args.backbone}",
+            f"model.image_size={args.image_size}",
+        ],
+    )
 
 
 def _rank_main(rank: int, world_size: int, port: int, args, out_dir: str) -> None:
     device = torch.device(args.device, rank) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world_size)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+    )
     try:
-        results = [measure(_config(args, rate), classes, args.batch, world_size, rank, device, args.steps, args.warmup,
-                           with_train_step=bool(args.backbone)) for classes, rate in _grid(args)]
+        results = [
+            measure(
+                _config(args, rate),
+                classes,
+                args.batch,
+                world_size,
+                rank,
+                device,
+                args.steps,
+                args.warmup,
+                with_train_step=bool(args.backbone),
+            )
+            for classes, rate in _grid(args)
+        ]
     finally:
         dist.barrier()
         dist.destroy_process_group()
@@ -164,8 +200,9 @@ def _rank_main(rank: int, world_size: int, port: int, args, out_dir: str) -> Non
     # side by side, the ranks share the machine's cores and memory bandwidth as in the distributed step, so
     # the difference is what the collectives cost (one process alone would also credit them with contention).
     for result, (_, rate) in zip(results, _grid(args)):
-        result["local_step_ms"] = measure(_config(args, rate), result["rows"], args.batch, 1, 0, device, args.steps,
-                                          args.warmup)["step_ms"]
+        result["local_step_ms"] = measure(
+            _config(args, rate), result["rows"], args.batch, 1, 0, device, args.steps, args.warmup
+        )["step_ms"]
     with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
         json.dump(results, f)
 
@@ -224,16 +261,31 @@ def main(argv: list[str] | None = None) -> int:
         for index, (classes, rate) in enumerate(_grid(args)):
             cfg = _config(args, rate)
             if distributed_runs is None:
-                ranks = [measure(cfg, classes, args.batch, 1, 0, device, args.steps, args.warmup,
-                                 with_train_step=bool(args.backbone))]
+                ranks = [
+                    measure(
+                        cfg,
+                        classes,
+                        args.batch,
+                        1,
+                        0,
+                        device,
+                        args.steps,
+                        args.warmup,
+                        with_train_step=bool(args.backbone),
+                    )
+                ]
             else:
                 ranks = distributed_runs[index]
             slowest = max(ranks, key=lambda r: r["step_ms"])
-            row = {"world_size": world_size, "classes": classes, "sample_rate": rate,
-                   "rows_per_rank": max(r["rows"] for r in ranks),
-                   "state_mb_per_rank": round(max(r["state_mb"] for r in ranks), 1),
-                   "logits_mb_per_rank": round(max(r["logits_mb"] for r in ranks), 1),
-                   **{k: round(v, 2) for k, v in slowest.items() if k.endswith("_ms")}}
+            row = {
+                "world_size": world_size,
+                "classes": classes,
+                "sample_rate": rate,
+                "rows_per_rank": max(r["rows"] for r in ranks),
+                "state_mb_per_rank": round(max(r["state_mb"] for r in ranks), 1),
+                "logits_mb_per_rank": round(max(r["logits_mb"] for r in ranks), 1),
+                **{k: round(v, 2) for k, v in slowest.items() if k.endswith("_ms")},
+            }
             if "peak_mb" in slowest:
                 row["peak_mb_per_rank"] = round(max(r["peak_mb"] for r in ranks), 1)
             if args.backbone:
@@ -247,10 +299,20 @@ def main(argv: list[str] | None = None) -> int:
                     row["softmax_overhead_pct"] = round(100 * row["softmax_overhead_ms"] / row["train_step_ms"], 2)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {"benchmark": "head", "device": str(device), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-              "dim": args.dim, "global_batch": args.batch, "head": args.head, "optim": args.optim,
-              "mixed_precision": args.mixed_precision, "backbone": args.backbone or None,
-              "image_size": args.image_size if args.backbone else None, "results": rows}
+    result = {
+        "benchmark": "head",
+        "device": str(device),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "dim": args.dim,
+        "global_batch": args.batch,
+        "head": args.head,
+        "optim": args.optim,
+        "mixed_precision": args.mixed_precision,
+        "backbone": args.backbone or None,
+        "image_size": args.image_size if args.backbone else None,
+        "results": rows,
+    }
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

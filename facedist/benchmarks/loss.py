@@ -26,9 +26,13 @@ from facedist.benchmarks.head import _sync
 from facedist.config import LossConfig
 from facedist.losses import PairLoss
 
-VARIANTS = {"triplet": ("triplet", "none"), "triplet_semihard": ("triplet", "semihard"),
-            "triplet_hard": ("triplet", "hard"), "contrastive": ("contrastive", "none"),
-            "multi_similarity": ("multi_similarity", "none")}
+VARIANTS = {
+    "triplet": ("triplet", "none"),
+    "triplet_semihard": ("triplet", "semihard"),
+    "triplet_hard": ("triplet", "hard"),
+    "contrastive": ("contrastive", "none"),
+    "multi_similarity": ("multi_similarity", "none"),
+}
 
 
 def _pml(name: str):
@@ -36,11 +40,12 @@ def _pml(name: str):
 
     pair, miner = VARIANTS[name]
     cosine = distances.CosineSimilarity()
-    loss = {"triplet": lambda: losses.TripletMarginLoss(margin=0.1, distance=cosine),
-            "contrastive": lambda: losses.ContrastiveLoss(pos_margin=1.0, neg_margin=0.1, distance=cosine),
-            "multi_similarity": lambda: losses.MultiSimilarityLoss(distance=cosine)}[pair]()
-    mine = (miners.TripletMarginMiner(margin=0.1, type_of_triplets=miner, distance=cosine)
-            if miner != "none" else None)
+    loss = {
+        "triplet": lambda: losses.TripletMarginLoss(margin=0.1, distance=cosine),
+        "contrastive": lambda: losses.ContrastiveLoss(pos_margin=1.0, neg_margin=0.1, distance=cosine),
+        "multi_similarity": lambda: losses.MultiSimilarityLoss(distance=cosine),
+    }[pair]()
+    mine = miners.TripletMarginMiner(margin=0.1, type_of_triplets=miner, distance=cosine) if miner != "none" else None
     return lambda x, y: loss(x, y, mine(x, y) if mine is not None else None)
 
 
@@ -94,15 +99,26 @@ def main(argv=None) -> int:
         for name in args.losses.split(","):
             pair, miner = VARIANTS[name]
             loss = PairLoss(LossConfig(pair=pair, miner=miner, pair_margin=0.1))
-            row = {"loss": name, "global_batch": n, "world_size": args.world_size, "local_rows": local,
-                   **measure(lambda x, y: loss(x, y, slice(0, local))[0], x, y, args.repeats)}
+            row = {
+                "loss": name,
+                "global_batch": n,
+                "world_size": args.world_size,
+                "local_rows": local,
+                **measure(lambda x, y: loss(x, y, slice(0, local))[0], x, y, args.repeats),  # noqa: B023 (called at once)
+            }
             if args.pml:
                 row.update({f"pml_one_process_{k}": v for k, v in measure(_pml(name), x, y, 1).items()})
             print(json.dumps(row), flush=True)
             rows.append(row)
-    result = {"benchmark": "loss", "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-              "dim": args.dim, "rows": rows}
+    result = {
+        "benchmark": "loss",
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "dim": args.dim,
+        "rows": rows,
+    }
     print(json.dumps(result))
     if args.out:
         with open(args.out, "w") as f:

@@ -24,8 +24,14 @@ def count(backbone: str, image_size: int, embedding_dim: int = 512) -> dict:
     with counter, torch.no_grad():
         model(torch.randn(1, 3, image_size, image_size))
     flops = counter.get_total_flops()
-    return {"backbone": backbone, "image_size": image_size, "parameters": sum(p.numel() for p in model.parameters()),
-            "neck": not isinstance(model.neck, torch.nn.Identity), "gflops": flops / 1e9, "gmacs": flops / 2e9}
+    return {
+        "backbone": backbone,
+        "image_size": image_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "neck": not isinstance(model.neck, torch.nn.Identity),
+        "gflops": flops / 1e9,
+        "gmacs": flops / 2e9,
+    }
 
 
 def main(argv=None) -> int:

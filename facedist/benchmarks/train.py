@@ -33,8 +33,12 @@ from facedist.optim import build_optimizer
 
 
 def device_info(device: torch.device) -> dict:
-    info = {"device": str(device), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads()}
+    info = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -76,6 +80,7 @@ def model_only(cfg, device, steps, warmup) -> float:
         for opt in (optimizer, head_optimizer) if head_optimizer is not None else (optimizer,):
             opt.step()
             opt.zero_grad(set_to_none=True)
+
     return _timed(step, steps, warmup, batch, device)
 
 
@@ -84,18 +89,27 @@ def data_only(cfg, device, steps, warmup) -> float:
     model = build_model(cfg.model, "cpu")
     loader = make_train_loader(index, cfg.data, preprocessing(model, cfg.model.image_size), 1, 0, cfg.train.seed, 0)
     to_model_input, batches = DeviceAugment(loader.dataset, device), iter(loader)
-    return _timed(lambda: to_model_input(next(batches)), steps, warmup, cfg.data.images_per_step(),
-                  device)
+    return _timed(lambda: to_model_input(next(batches)), steps, warmup, cfg.data.images_per_step(), device)
 
 
 def end_to_end(config, overrides, steps) -> float:
     from facedist.train import main as train
 
     with tempfile.TemporaryDirectory() as out:
-        train(["--config", config, *overrides, f"train.max_steps={steps}", "train.log_every=1", "eval.every=0",
-               "checkpoint.every=0", f"output_dir={out}"])
+        train(
+            [
+                "--config",
+                config,
+                *overrides,
+                f"train.max_steps={steps}",
+                "train.log_every=1",
+                "eval.every=0",
+                "checkpoint.every=0",
+                f"output_dir={out}",
+            ]
+        )
         rates = [json.loads(line)["images_per_s"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(rates[len(rates) // 4:])  # skip start-up steps (worker spin-up, allocator warm-up)
+    return statistics.median(rates[len(rates) // 4 :])  # skip start-up steps (worker spin-up, allocator warm-up)
 
 
 def baseline(cfg, folder: Path, device, steps, warmup) -> float:
@@ -105,15 +119,22 @@ def baseline(cfg, folder: Path, device, steps, warmup) -> float:
 
     model = build_model(cfg.model, device).train()
     prep = preprocessing(model, cfg.model.image_size)
-    transform = T.Compose([T.RandomResizedCrop(cfg.model.image_size, scale=(cfg.data.augment.crop_scale_min, 1.0)),
-                           T.RandomHorizontalFlip(), T.RandomRotation(cfg.data.augment.rotation),
-                           T.ColorJitter(cfg.data.augment.brightness, cfg.data.augment.contrast, cfg.data.augment.saturation), T.ToTensor(),
-                           T.Normalize(prep["mean"], prep["std"])])
+    transform = T.Compose(
+        [
+            T.RandomResizedCrop(cfg.model.image_size, scale=(cfg.data.augment.crop_scale_min, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.RandomRotation(cfg.data.augment.rotation),
+            T.ColorJitter(cfg.data.augment.brightness, cfg.data.augment.contrast, cfg.data.augment.saturation),
+            T.ToTensor(),
+            T.Normalize(prep["mean"], prep["std"]),
+        ]
+    )
     dataset = torchvision.datasets.ImageFolder(str(folder), transform=transform)
     P, M = cfg.data.classes_per_batch, cfg.data.images_per_class
     sampler = samplers.MPerClassSampler(dataset.targets, m=M, batch_size=P * M, length_before_new_iter=10**7)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=P * M, sampler=sampler, num_workers=cfg.data.num_workers,
-                                         drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=P * M, sampler=sampler, num_workers=cfg.data.num_workers, drop_last=True
+    )
     loss_fn = losses.TripletMarginLoss(margin=cfg.loss.pair_margin, distance=distances.CosineSimilarity())
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
     batches = iter(loader)
@@ -124,6 +145,7 @@ def baseline(cfg, folder: Path, device, steps, warmup) -> float:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+
     return _timed(step, steps, warmup, P * M, device)
 
 
@@ -138,10 +160,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = {"config": args.config, "overrides": args.overrides, **device_info(device),
-              "mixed_precision": cfg.train.mixed_precision, "channels_last": cfg.model.channels_last,
-              "compile": cfg.model.compile, "batch": cfg.data.images_per_step(), "sampler": cfg.data.sampler,
-              "image_size": cfg.model.image_size, "backbone": cfg.model.backbone}
+    result = {
+        "config": args.config,
+        "overrides": args.overrides,
+        **device_info(device),
+        "mixed_precision": cfg.train.mixed_precision,
+        "channels_last": cfg.model.channels_last,
+        "compile": cfg.model.compile,
+        "batch": cfg.data.images_per_step(),
+        "sampler": cfg.data.sampler,
+        "image_size": cfg.model.image_size,
+        "backbone": cfg.model.backbone,
+    }
     result["model_only_images_per_s"] = model_only(cfg, device, args.steps, args.warmup)
     result["data_only_images_per_s"] = data_only(cfg, device, args.steps, args.warmup)
     result["end_to_end_images_per_s"] = end_to_end(args.config, args.overrides, args.steps + args.warmup)
@@ -151,8 +181,13 @@ def main(argv=None) -> int:
             from facedist.data.synth import write_synthetic_tree
 
             folder = Path(tmp) / "faces"
-            write_synthetic_tree(folder, identities=max(2 * cfg.data.classes_per_batch, 32), images_per_identity=8,
-                                 size=cfg.model.image_size, progress=False)
+            write_synthetic_tree(
+                folder,
+                identities=max(2 * cfg.data.classes_per_batch, 32),
+                images_per_identity=8,
+                size=cfg.model.image_size,
+                progress=False,
+            )
         result["baseline_images_per_s"] = baseline(cfg, folder, device, args.steps, args.warmup)
     result["end_to_end_over_model_only"] = result["end_to_end_images_per_s"] / result["model_only_images_per_s"]
     result["end_to_end_over_baseline"] = result["end_to_end_images_per_s"] / result["baseline_images_per_s"]

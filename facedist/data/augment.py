@@ -4,7 +4,8 @@ Geometry (crop / scale / translation / rotation / flip) is ONE affine map from o
 pixels, applied with OpenCV's `warpAffine` (bilinear, replicated border: no black corners; the same
 scale on both axes: the aspect ratio is kept). OpenCV because it measured 4x faster than Pillow's
 affine transform for the same bilinear warp (README, Benchmarks). The photometric part (brightness,
-contrast, saturation, gamma, directional shading) only draws its factors here; it runs on the training device on the whole
+contrast, saturation, gamma, directional shading) only draws its factors here; it runs on the training
+device on the whole
 batch (facedist/data/device_augment.py). The GPU decode path turns the same matrix into an
 `affine_grid` theta (`grid_theta`), so both paths share this parameter drawing.
 """
@@ -74,8 +75,9 @@ def warp(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
     elif image.shape[:2] == (size, size) and np.array_equal(matrix, [[-1, 0, size - 1], [0, 1, 0]]):
         warped = cv2.flip(image, 1)
     else:
-        warped = cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                                borderMode=cv2.BORDER_REPLICATE)
+        warped = cv2.warpAffine(
+            image, matrix, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
+        )
     planes = np.empty((3, size, size), np.uint8)
     cv2.split(warped, list(planes))
     return planes

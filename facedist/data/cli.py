@@ -15,7 +15,7 @@ def byte_count(text: str) -> int:
     """'500000', '512M', '1G', '64Mi' -> bytes."""
     lowered = text.strip().lower().removesuffix("b")
     number = lowered.rstrip("kmgi")
-    suffix = lowered[len(number):]
+    suffix = lowered[len(number) :]
     try:
         return int(float(number) * SIZE_SUFFIXES[suffix])
     except (ValueError, KeyError):
@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--workers", type=int, default=default_workers)
 
     defaults = BuildOptions()
-    b = commands.add_parser("build", help="convert identity folders SRC (or an MXNet RecordIO train.rec + train.idx) into shards in OUT")
+    b = commands.add_parser(
+        "build", help="convert identity folders SRC (or an MXNet RecordIO train.rec + train.idx) into shards in OUT"
+    )
     b.add_argument("src", metavar="SRC")
     b.add_argument("out", metavar="OUT")
     b.add_argument("--size", type=int, default=defaults.size, help="side of the stored square images")
@@ -50,8 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--test-identities", default=defaults.test_identities, help="count or fraction of identities")
     b.add_argument("--seed", type=int, default=defaults.seed, help="chooses the val/test identities")
     b.add_argument("--min-images", type=int, default=defaults.min_images, help="skip identities with fewer images")
-    b.add_argument("--align", action="store_true",
-                   help="detect, align and crop each face (OpenCV; pip install 'facedist[align]'); images without a face are skipped and reported")
+    b.add_argument(
+        "--align",
+        action="store_true",
+        help="detect, align and crop each face (OpenCV; pip install 'facedist[align]'); "
+        "images without a face are skipped and reported",
+    )
     b.add_argument("--quiet", action="store_true", help="no progress bars or summary")
 
     v = commands.add_parser("verify", help="re-read every shard: checksums, counts, index, decode every image")
@@ -71,14 +77,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "synth":
             from facedist.data.synth import write_synthetic_tree
 
-            count = write_synthetic_tree(args.out, args.identities, args.images_per_identity, args.size,
-                                         args.seed, args.format, args.workers)
+            count = write_synthetic_tree(
+                args.out, args.identities, args.images_per_identity, args.size, args.seed, args.format, args.workers
+            )
             print(f"wrote {count} images of {args.identities} identities to {args.out}")
         elif args.command == "build":
             options = BuildOptions(
-                size=args.size, format=args.format, quality=args.quality, max_samples=args.max_samples,
-                max_bytes=args.max_bytes, val_identities=args.val_identities,
-                test_identities=args.test_identities, min_images=args.min_images, seed=args.seed, align=args.align,
+                size=args.size,
+                format=args.format,
+                quality=args.quality,
+                max_samples=args.max_samples,
+                max_bytes=args.max_bytes,
+                val_identities=args.val_identities,
+                test_identities=args.test_identities,
+                min_images=args.min_images,
+                seed=args.seed,
+                align=args.align,
             )
             build(args.src, args.out, options, workers=args.workers, progress=not args.quiet)
         elif args.command == "verify":

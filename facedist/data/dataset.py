@@ -94,9 +94,12 @@ def loader_kwargs(num_workers: int) -> dict:
     Every DataLoader facedist creates takes these."""
     if num_workers > 0:
         _start_fork_server()
-    return {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
-            "multiprocessing_context": WORKER_CONTEXT if num_workers > 0 else None,
-            "worker_init_fn": functools.partial(_init_worker, trainer=os.getpid()) if num_workers > 0 else None}
+    return {
+        "num_workers": num_workers,
+        "pin_memory": torch.cuda.is_available(),
+        "multiprocessing_context": WORKER_CONTEXT if num_workers > 0 else None,
+        "worker_init_fn": functools.partial(_init_worker, trainer=os.getpid()) if num_workers > 0 else None,
+    }
 
 
 def normalise(pixels: torch.Tensor, preprocessing: dict) -> torch.Tensor:
@@ -113,9 +116,12 @@ def warn_if_resized(root, image_size: int, size: int) -> None:
     """One line, once per shard folder and size, when shards are not at the model's size."""
     if image_size != size and (str(root), size) not in _warned_resize:
         _warned_resize.add((str(root), size))
-        print(f"facedist: {root} holds {image_size}x{image_size} images, the model takes {size}x{size}: each image "
-              f"is resized as the shard builder does (centre crop, bicubic); rebuild the shards at {size} px "
-              "to save that work", file=sys.stderr)
+        print(
+            f"facedist: {root} holds {image_size}x{image_size} images, the model takes {size}x{size}: each image "
+            f"is resized as the shard builder does (centre crop, bicubic); rebuild the shards at {size} px "
+            "to save that work",
+            file=sys.stderr,
+        )
 
 
 class TrainBatch(NamedTuple):
@@ -155,7 +161,9 @@ class FaceDataset(Dataset):
     def __getitem__(self, item):
         if not isinstance(item, tuple):
             pixels = to_model_size(self.decode(item), self.size)
-            return normalise(torch.from_numpy(pixels).permute(2, 0, 1), self.preprocessing), int(self.index.labels[item])
+            return normalise(torch.from_numpy(pixels).permute(2, 0, 1), self.preprocessing), int(
+                self.index.labels[item]
+            )
         sample, aug_seed = item
         label = int(self.index.labels[sample])
         if self.gpu_decode:
@@ -171,19 +179,25 @@ class FaceDataset(Dataset):
 
 def collate_train(items) -> TrainBatch:
     images, encoded, theta, labels, draws, samples = zip(*items)
-    gamma = (torch.from_numpy(np.stack([aug.gamma_table(d.photometric[3]) for d in draws]))
-             if any(d.photometric[3] != 1 for d in draws) else None)
+    gamma = (
+        torch.from_numpy(np.stack([aug.gamma_table(d.photometric[3]) for d in draws]))
+        if any(d.photometric[3] != 1 for d in draws)
+        else None
+    )
     return TrainBatch(
         images=torch.from_numpy(np.stack(images)) if images[0] is not None else None,
         encoded=list(encoded) if encoded[0] is not None else None,
         theta=torch.from_numpy(np.stack(theta)).float() if theta[0] is not None else None,
         labels=torch.tensor(labels, dtype=torch.int64),
         photometric=torch.from_numpy(np.stack([d.photometric for d in draws])),
-        gamma_tables=gamma, samples=torch.tensor(samples, dtype=torch.int64))
+        gamma_tables=gamma,
+        samples=torch.tensor(samples, dtype=torch.int64),
+    )
 
 
-def make_train_loader(index, cfg: DataConfig, preprocessing: dict, world_size: int, rank: int, seed: int,
-                      start_step: int = 0) -> DataLoader:
+def make_train_loader(
+    index, cfg: DataConfig, preprocessing: dict, world_size: int, rank: int, seed: int, start_step: int = 0
+) -> DataLoader:
     """Endless loader of this rank's TrainBatch per step, starting at `start_step`; turn each into model
     input with `device_augment.DeviceAugment(loader.dataset, device)`."""
     from facedist.data import gpu_decode
@@ -192,8 +206,13 @@ def make_train_loader(index, cfg: DataConfig, preprocessing: dict, world_size: i
     use_gpu = cfg.decode == "gpu" and gpu_decode.use_gpu_decode(index.image_format)
     warn_if_resized(index.root, index.image_size, int(preprocessing["image_size"]))
     dataset = FaceDataset(index, preprocessing, cfg.augment, gpu_decode=use_gpu)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_train,
-                      prefetch_factor=4 if cfg.num_workers else None, **loader_kwargs(cfg.num_workers))
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_train,
+        prefetch_factor=4 if cfg.num_workers else None,
+        **loader_kwargs(cfg.num_workers),
+    )
 
 
 class _EvalItems(Dataset):
@@ -214,8 +233,16 @@ def eval_samples(index, world_size: int, rank: int, max_images: int = 0) -> np.n
     return np.array_split(np.arange(count), world_size)[rank]
 
 
-def make_eval_loader(index, preprocessing: dict, batch_size: int, world_size: int = 1, rank: int = 0,
-                     max_images: int = 0, num_workers: int = 0, samples=None) -> DataLoader:
+def make_eval_loader(
+    index,
+    preprocessing: dict,
+    batch_size: int,
+    world_size: int = 1,
+    rank: int = 0,
+    max_images: int = 0,
+    num_workers: int = 0,
+    samples=None,
+) -> DataLoader:
     """(images, labels, sample indices) of this rank's share of the split (or of `samples` when given),
     un-augmented; gather across ranks after."""
     warn_if_resized(index.root, index.image_size, int(preprocessing["image_size"]))

@@ -45,14 +45,17 @@ class DeviceAugment:
         if batch.images is not None:
             images = batch.images.to(self.device, non_blocking=True)  # [B, 3, S, S] uint8
         else:
-            decoded = gpu_decode.decode_batch(batch.encoded, batch.samples.tolist(), self.dataset.sample_name, self.device)
+            decoded = gpu_decode.decode_batch(
+                batch.encoded, batch.samples.tolist(), self.dataset.sample_name, self.device
+            )
             images = gpu_decode.warp_batch(decoded, batch.theta, self.dataset.size)
         factors = batch.photometric.to(self.device, non_blocking=True)
         tables = batch.gamma_tables.to(self.device, non_blocking=True) if batch.gamma_tables is not None else None
         return self.augment_and_normalise(images, factors, tables), labels
 
     def augment_and_normalise(self, images: torch.Tensor, factors: torch.Tensor, tables: torch.Tensor | None):
-        """uint8 [B, 3, S, S] on the device, factors [B, 6] (Draw.photometric), gamma tables [B, 256] or None -> float [B, 3, S, S]."""
+        """uint8 [B, 3, S, S] on the device, factors [B, 6] (Draw.photometric), gamma tables [B, 256] or None
+        -> float [B, 3, S, S]."""
         count, _, height, width = images.shape
         out = torch.empty((count, 3, height, width), device=images.device)
         # on a CPU, a few images at a time keep the passes in cache (measured ~1.4x faster at 224 px);

@@ -20,7 +20,6 @@ import numpy as np
 
 from facedist.data.shards import INDEX_DTYPE, ShardError, load_manifest, shard_name
 
-
 # A process holds up to this share of its open-file limit per index: train + val indices, sockets, pipes,
 # shared libraries and the DataLoader's queues keep well inside the rest
 OPEN_FILE_SHARE = 8
@@ -90,7 +89,8 @@ class ShardIndex:
     def sample_name(self, i: int) -> str:
         """Where sample `i` lives, for error messages: its shard file, split, row and byte offset."""
         row = self._rows[i]
-        return f"{self._shard_paths[int(row['shard'])]} (split {self.split!r} sample {i}, byte offset {int(row['offset'])})"
+        shard = self._shard_paths[int(row["shard"])]
+        return f"{shard} (split {self.split!r} sample {i}, byte offset {int(row['offset'])})"
 
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():  # forked (DataLoader worker): open our own, never close the parent's

@@ -65,8 +65,10 @@ def read_idx(idx: Path, rec_size: int) -> list[tuple[int, int]]:
         except (ValueError, IndexError):
             raise RecordIOError(f"{idx} line {number}: expected 'key<TAB>offset', got {line[:60]!r}") from None
         if offset + 8 > rec_size:
-            raise RecordIOError(f"{idx} line {number}: key {key} at offset {offset} is past the end of the "
-                                f"{rec_size}-byte .rec (truncated .rec, or an .idx of another file)")
+            raise RecordIOError(
+                f"{idx} line {number}: key {key} at offset {offset} is past the end of the "
+                f"{rec_size}-byte .rec (truncated .rec, or an .idx of another file)"
+            )
         entries.append((key, offset))
     if not entries:
         raise RecordIOError(f"{idx}: no records listed")
@@ -122,7 +124,7 @@ def read_labels(fd: int, offset: int, where: str) -> tuple[float, ...]:
         flag = IR_HEADER.unpack_from(head, 8)[0]
         needed = IR_HEADER.size + 4 * flag
         if magic == MAGIC and (word & _LENGTH_MASK) >= needed and len(head) >= 8 + needed:
-            return unpack(head[8:8 + needed], where).labels
+            return unpack(head[8 : 8 + needed], where).labels
     return unpack(read_record(fd, offset, where), where).labels
 
 
@@ -144,7 +146,7 @@ def _class_of(labels: tuple[float, ...]) -> int | None:
 
 def frame(payload: bytes) -> bytes:
     """A record as dmlc's writer frames it: split at every 4-aligned magic word, padded to 4 bytes."""
-    cuts = [i for i in range(0, len(payload) - 3, 4) if payload[i:i + 4] == _MAGIC_BYTES]
+    cuts = [i for i in range(0, len(payload) - 3, 4) if payload[i : i + 4] == _MAGIC_BYTES]
     starts, ends = [0] + [c + 4 for c in cuts], cuts + [len(payload)]
     out = []
     for n, (start, end) in enumerate(zip(starts, ends)):
@@ -202,29 +204,41 @@ def scan_recordio(src: Path) -> RecordScan:
     fd = os.open(rec, os.O_RDONLY)
     try:
         header = unpack(read_record(fd, offsets[0], f"{rec} key 0"), f"{rec} key 0") if 0 in offsets else None
-        insightface = (header is not None and header.flag >= 2 and not header.image
-                       and all(v == int(v) for v in header.labels[:2]) and 1 <= header.labels[0] <= header.labels[1])
+        insightface = (
+            header is not None
+            and header.flag >= 2
+            and not header.image
+            and all(v == int(v) for v in header.labels[:2])
+            and 1 <= header.labels[0] <= header.labels[1]
+        )
         scan = RecordScan(rec, "insightface" if insightface else "im2rec", {})
         if insightface:
             first, end = int(header.labels[0]), int(header.labels[1])
             image_keys = [k for k, _ in entries if 1 <= k < first]
             missing = sorted(set(range(1, first)) - set(image_keys))
-            scan.skipped_files += [{"path": scan.relpath(k), "reason": "listed by the header record, not in the .idx"}
-                                   for k in missing]
+            scan.skipped_files += [
+                {"path": scan.relpath(k), "reason": "listed by the header record, not in the .idx"} for k in missing
+            ]
             for key in range(first, end):
                 if key not in offsets:
                     continue
                 start_end = read_labels(fd, offsets[key], f"{rec} key {key}")
                 if len(start_end) >= 2 and start_end[1] <= start_end[0]:
-                    scan.skipped_identities.append({"identity": IDENTITY_FORMAT.format(key - first),
-                                                    "reason": f"empty identity (record {key}: [{start_end[0]:g}, {start_end[1]:g}))"})
+                    scan.skipped_identities.append(
+                        {
+                            "identity": IDENTITY_FORMAT.format(key - first),
+                            "reason": f"empty identity (record {key}: [{start_end[0]:g}, {start_end[1]:g}))",
+                        }
+                    )
         else:
             image_keys = [k for k, _ in entries]
         for key in image_keys:
             labels = read_labels(fd, offsets[key], f"{rec} key {key}")
             label = _class_of(labels)
             if label is None:
-                scan.skipped_files.append({"path": scan.relpath(key), "reason": f"label {labels[0]!r} is not a class id"})
+                scan.skipped_files.append(
+                    {"path": scan.relpath(key), "reason": f"label {labels[0]!r} is not a class id"}
+                )
                 continue
             scan.identities.setdefault(IDENTITY_FORMAT.format(label), []).append((key, offsets[key]))
     finally:

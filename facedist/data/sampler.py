@@ -27,7 +27,7 @@ would cost 336 MB per rank; this costs O(G). Written here because numpy and torc
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -48,7 +48,8 @@ class _StepSampler:
     def _aug_seeds(self, step: int, global_size: int, start: int, stop: int) -> np.ndarray:
         # one draw for the whole global batch, then this rank's slice: independent of W for a fixed global batch
         return np.random.default_rng([self.seed, _AUG_STREAM, step]).integers(
-            0, 2**63 - 1, global_size, dtype=np.int64)[start:stop]
+            0, 2**63 - 1, global_size, dtype=np.int64
+        )[start:stop]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         step = self.start_step
@@ -72,20 +73,33 @@ def _check_common(world_size: int, rank: int, seed: int) -> None:
 class ClassBalancedBatchSampler(_StepSampler):
     """Yields, for steps start_step, start_step + 1, ..., this rank's list of P*M (sample_index, aug_seed)."""
 
-    def __init__(self, class_offsets, classes_per_batch: int, images_per_class: int, world_size: int = 1,
-                 rank: int = 0, seed: int = 0, start_step: int = 0, max_steps: int | None = None):
+    def __init__(
+        self,
+        class_offsets,
+        classes_per_batch: int,
+        images_per_class: int,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        start_step: int = 0,
+        max_steps: int | None = None,
+    ):
         self.class_offsets = np.asarray(class_offsets, dtype=np.int64)
         self.num_classes = len(self.class_offsets) - 1
         self.P, self.M, self.world_size, self.rank = classes_per_batch, images_per_class, world_size, rank
         self.seed, self.start_step, self.max_steps = seed, start_step, max_steps
         self.global_classes = world_size * classes_per_batch
         if min(classes_per_batch, images_per_class, world_size) < 1:
-            raise ValueError(f"data: classes_per_batch={classes_per_batch}, images_per_class={images_per_class} and "
-                             f"world_size={world_size} must all be >= 1")
+            raise ValueError(
+                f"data: classes_per_batch={classes_per_batch}, images_per_class={images_per_class} and "
+                f"world_size={world_size} must all be >= 1"
+            )
         _check_common(world_size, rank, seed)
         if self.num_classes < self.global_classes:
-            raise ValueError(f"data: {self.num_classes} identities cannot fill a global batch of "
-                             f"{world_size} processes x data.classes_per_batch={classes_per_batch} distinct identities")
+            raise ValueError(
+                f"data: {self.num_classes} identities cannot fill a global batch of "
+                f"{world_size} processes x data.classes_per_batch={classes_per_batch} distinct identities"
+            )
         if np.any(np.diff(self.class_offsets) < 1):
             empty = int(np.argmax(np.diff(self.class_offsets) < 1))
             raise ValueError(f"data: identity {empty} has no images")
@@ -101,7 +115,7 @@ class ClassBalancedBatchSampler(_StepSampler):
     def global_classes_at(self, step: int) -> np.ndarray:
         """The W*P distinct identities of the global batch at `step`."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        return self._epoch_order(epoch)[k * self.global_classes:(k + 1) * self.global_classes]
+        return self._epoch_order(epoch)[k * self.global_classes : (k + 1) * self.global_classes]
 
     def _images(self, epoch: int, cls: int) -> np.ndarray:
         start, count = int(self.class_offsets[cls]), int(self.class_offsets[cls + 1] - self.class_offsets[cls])
@@ -111,11 +125,12 @@ class ClassBalancedBatchSampler(_StepSampler):
 
     def batch(self, step: int) -> list[tuple[int, int]]:
         """This rank's items at `step`, identity-major (P identities, M images each)."""
-        classes = self.global_classes_at(step)[self.rank * self.P:(self.rank + 1) * self.P]
+        classes = self.global_classes_at(step)[self.rank * self.P : (self.rank + 1) * self.P]
         epoch = step // self.steps_per_epoch
         samples = np.concatenate([self._images(epoch, int(c)) for c in classes])
-        mine = self._aug_seeds(step, self.global_classes * self.M, self.rank * self.P * self.M,
-                               (self.rank + 1) * self.P * self.M)
+        mine = self._aug_seeds(
+            step, self.global_classes * self.M, self.rank * self.P * self.M, (self.rank + 1) * self.P * self.M
+        )
         return [(int(s), int(a)) for s, a in zip(samples, mine)]
 
 
@@ -154,22 +169,33 @@ class RandomBatchSampler(_StepSampler):
     """Yields, for steps start_step, ..., this rank's `batch_size` (sample_index, aug_seed): images drawn
     uniformly without replacement within an epoch, the global batch of a step a function of (seed, step, G)."""
 
-    def __init__(self, num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
-                 start_step: int = 0, max_steps: int | None = None):
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        start_step: int = 0,
+        max_steps: int | None = None,
+    ):
         _check_common(world_size, rank, seed)
         self.num_samples, self.batch_size, self.world_size, self.rank = int(num_samples), batch_size, world_size, rank
         self.seed, self.start_step, self.max_steps = seed, start_step, max_steps
         self.global_batch = world_size * batch_size
         if batch_size < 1 or self.num_samples < self.global_batch:
-            raise ValueError(f"data: {self.num_samples} images cannot fill a global batch of {world_size} processes x "
-                             f"data.batch_size={batch_size}")
+            raise ValueError(
+                f"data: {self.num_samples} images cannot fill a global batch of {world_size} processes x "
+                f"data.batch_size={batch_size}"
+            )
         self.steps_per_epoch = self.num_samples // self.global_batch  # the last partial batch is dropped
         self._epoch, self._order = -1, None
 
     def epoch_order(self, epoch: int) -> KeyedPermutation:
         if epoch != self._epoch:
             keys = np.random.default_rng([self.seed, _ORDER_STREAM, epoch]).integers(
-                0, 2**63, _FEISTEL_ROUNDS, dtype=np.uint64)
+                0, 2**63, _FEISTEL_ROUNDS, dtype=np.uint64
+            )
             self._epoch, self._order = epoch, KeyedPermutation(self.num_samples, keys)
         return self._order
 
@@ -185,5 +211,6 @@ def make_batch_sampler(index, cfg, world_size: int, rank: int, seed: int, start_
     """`cfg.sampler` (a DataConfig) over a ShardIndex: class_balanced (P x M) or random (data.batch_size)."""
     if cfg.sampler == "random":
         return RandomBatchSampler(index.num_samples, cfg.batch_size, world_size, rank, seed, start_step)
-    return ClassBalancedBatchSampler(index.class_offsets, cfg.classes_per_batch, cfg.images_per_class,
-                                     world_size, rank, seed, start_step)
+    return ClassBalancedBatchSampler(
+        index.class_offsets, cfg.classes_per_batch, cfg.images_per_class, world_size, rank, seed, start_step
+    )

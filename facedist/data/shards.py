@@ -48,23 +48,21 @@ import stat
 import tarfile
 import time
 from collections import defaultdict
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from facedist.durable import fsync_directory
+from facedist.durable import TMP_SUFFIX, atomic_open, write_bytes_atomic, write_json_atomic
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 IMAGE_FORMATS = ("jpg", "png", "webp")
 INDEX_DTYPE = np.dtype([("shard", "<i4"), ("label", "<i4"), ("offset", "<i8"), ("size", "<i8")])
 BUILD_STATE = ".build.json"
-TMP_SUFFIX = ".tmp"
 BLOCK = tarfile.BLOCKSIZE
 
 
@@ -90,9 +88,13 @@ class BuildOptions:
     def validate(self) -> None:
         if self.format not in IMAGE_FORMATS:
             raise ShardError(f"--format {self.format!r} is not one of {', '.join(IMAGE_FORMATS)}")
-        for name, value, low in (("size", self.size, 8), ("max-samples", self.max_samples, 1),
-                                 ("max-bytes", self.max_bytes, 1), ("min-images", self.min_images, 1),
-                                 ("seed", self.seed, 0)):
+        for name, value, low in (
+            ("size", self.size, 8),
+            ("max-samples", self.max_samples, 1),
+            ("max-bytes", self.max_bytes, 1),
+            ("min-images", self.min_images, 1),
+            ("seed", self.seed, 0),
+        ):
             if value < low:
                 raise ShardError(f"--{name} must be >= {low} (got {value})")
         if not 1 <= self.quality <= 100:
@@ -112,45 +114,11 @@ def split_count(spec: str, available: int, flag: str) -> int:
         except ValueError:
             raise ShardError(f"{flag} {spec!r} is neither a count nor a fraction") from None
         if not 0.0 <= fraction <= 1.0:
-            raise ShardError(f"{flag} {spec!r}: a fraction must be in [0, 1]")
+            raise ShardError(f"{flag} {spec!r}: a fraction must be in [0, 1]") from None
         return int(round(fraction * available))
     if count < 0:
         raise ShardError(f"{flag} {spec!r} must not be negative")
     return count
-
-
-
-@contextmanager
-def atomic_open(path: str | Path) -> Iterator[io.BufferedWriter]:
-    """Open a temporary sibling of `path` for writing; on success fsync it, rename it to `path`, fsync the folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_directory(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> None:
-    """Write `data` to `path` via a temporary file and a rename (fsync'd unless `fsync=False`)."""
-    if fsync:
-        with atomic_open(path) as f:
-            f.write(data)
-        return
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -160,7 +128,6 @@ def file_sha256(path: str | Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
 
 
 @dataclass
@@ -190,8 +157,11 @@ def scan_recordio_source(src: Path) -> SourceScan:
     from facedist.data.recordio import scan_recordio
 
     scan = scan_recordio(src)
-    records = {scan.relpath(key): (str(scan.rec), offset, key) for entries in scan.identities.values()
-               for key, offset in entries}
+    records = {
+        scan.relpath(key): (str(scan.rec), offset, key)
+        for entries in scan.identities.values()
+        for key, offset in entries
+    }
     identities = {name: [scan.relpath(key) for key, _ in entries] for name, entries in scan.identities.items()}
     return SourceScan(identities, scan.skipped_files, scan.skipped_identities, records)
 
@@ -243,7 +213,9 @@ def scan_source(src: Path) -> SourceScan:
             if not _utf8(child.name):
                 scan.skipped_files.append({"path": _shown(relpath), "reason": "file name is not valid UTF-8"})
             elif child_kind == "dir":
-                scan.skipped_files.append({"path": relpath + "/", "reason": "nested folder, not merged into the identity"})
+                scan.skipped_files.append(
+                    {"path": relpath + "/", "reason": "nested folder, not merged into the identity"}
+                )
             elif child_kind != "file":
                 scan.skipped_files.append({"path": relpath, "reason": child_kind})
             else:
@@ -255,7 +227,6 @@ def scan_source(src: Path) -> SourceScan:
     if not scan.identities:
         raise ShardError(f"SRC {src} has no identity folders with files (expected SRC/<identity>/<image>)")
     return scan
-
 
 
 def decode_rgb(data: bytes) -> Image.Image:
@@ -341,8 +312,12 @@ _PIL_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 def fits_as_is(data: bytes, size: int, image_format: str) -> bool:
     """The bytes are already a size x size RGB image of `image_format` without an EXIF rotation (header only)."""
     with Image.open(io.BytesIO(data)) as image:
-        return (_PIL_FORMATS.get(image.format) == image_format and image.size == (size, size) and image.mode == "RGB"
-                and image.getexif().get(0x0112, 1) == 1)
+        return (
+            _PIL_FORMATS.get(image.format) == image_format
+            and image.size == (size, size)
+            and image.mode == "RGB"
+            and image.getexif().get(0x0112, 1) == 1
+        )
 
 
 def convert_file(job: tuple[str | tuple, str, int, str, int, bool]) -> bytes:
@@ -358,7 +333,6 @@ def convert_file(job: tuple[str | tuple, str, int, str, int, bool]) -> bytes:
     # depend on it); keeping its crops would hold every image in memory until the write pass
     image = _aligner(size).align(decode_rgb(data), path).image if align else square_resize(decode_rgb(data), size)
     return encode_image(image, image_format, quality)
-
 
 
 @dataclass(frozen=True)
@@ -382,7 +356,7 @@ class Plan:
         h = hashlib.sha256(json.dumps({"format_version": FORMAT_VERSION, "options": asdict(options)}).encode())
         for split, samples in self.splits.items():
             for s in samples:
-                h.update(f"{split}\0{s.label}\0{s.source}\0{s.sha256}\n".encode("utf-8"))
+                h.update(f"{split}\0{s.label}\0{s.source}\0{s.sha256}\n".encode())
         return h.hexdigest()
 
 
@@ -411,7 +385,7 @@ def make_plan(scan: SourceScan, checks: dict[str, tuple], options: BuildOptions)
             kept[identity] = good
 
     by_sha = defaultdict(list)
-    for identity, good in kept.items():
+    for good in kept.values():
         for relpath, sha, _ in good:
             by_sha[sha].append(relpath)
     cross_duplicates = [{"sha256": sha, "paths": paths} for sha, paths in sorted(by_sha.items()) if len(paths) > 1]
@@ -426,7 +400,7 @@ def make_plan(scan: SourceScan, checks: dict[str, tuple], options: BuildOptions)
     order = np.random.default_rng(options.seed).permutation(len(names))
     chosen = {
         "val": {names[i] for i in order[:n_val]},
-        "test": {names[i] for i in order[n_val:n_val + n_test]},
+        "test": {names[i] for i in order[n_val : n_val + n_test]},
     }
     chosen["train"] = set(names) - chosen["val"] - chosen["test"]
 
@@ -448,7 +422,6 @@ def make_plan(scan: SourceScan, checks: dict[str, tuple], options: BuildOptions)
         "cross_identity_duplicates": cross_duplicates,
     }
     return Plan(splits, classes, report)
-
 
 
 def sample_key(split: str, index: int) -> str:
@@ -478,8 +451,12 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 def sample_members(key: str, image_format: str, image: bytes, sample: Sample) -> list[tuple[str, bytes]]:
     """The three tar members of a sample, in order: image, class, metadata."""
-    meta = {"identity": sample.identity, "source": sample.source,
-            "original_size": list(sample.original_size), "sha256": sample.sha256}
+    meta = {
+        "identity": sample.identity,
+        "source": sample.source,
+        "original_size": list(sample.original_size),
+        "sha256": sample.sha256,
+    }
     return [
         (f"{key}.{image_format}", image),
         (f"{key}.cls", str(sample.label).encode("ascii")),
@@ -550,7 +527,9 @@ def group_samples(members: list[TarMember], path: str | Path) -> list[tuple[str,
     return samples
 
 
-def _finished_prefix(out: Path, split: str, samples: list[Sample], image_format: str) -> tuple[int, list[tuple[int, int, int]]]:
+def _finished_prefix(
+    out: Path, split: str, samples: list[Sample], image_format: str
+) -> tuple[int, list[tuple[int, int, int]]]:
     """Shards already written for `split` by an earlier run of the same build: (count, image locations)."""
     shard = done = 0
     locations = []
@@ -570,7 +549,6 @@ def _finished_prefix(out: Path, split: str, samples: list[Sample], image_format:
     return shard, locations
 
 
-
 def _check_out(out: Path, fingerprint: str | None) -> None:
     """Refuse an OUT that holds something else than this build (finished or interrupted).
 
@@ -580,7 +558,10 @@ def _check_out(out: Path, fingerprint: str | None) -> None:
         return
     if not out.is_dir():
         raise ShardError(f"OUT {out} exists and is not a folder")
-    for marker, what in (("manifest.json", "a different dataset"), (BUILD_STATE, "an unfinished build of a different dataset")):
+    for marker, what in (
+        ("manifest.json", "a different dataset"),
+        (BUILD_STATE, "an unfinished build of a different dataset"),
+    ):
         path = out / marker
         if path.exists():
             if fingerprint is None:
@@ -634,7 +615,9 @@ def build(src: str | Path, out: str | Path, options: BuildOptions, workers: int 
         checks = {}
         check = functools.partial(check_file, align_size=options.size if options.align else 0)
         results = pool.imap(check, [scan.locate(src, p) for p in files], chunksize=16)
-        for relpath, result in tqdm(zip(files, results), total=len(files), desc="check", unit="img", disable=not progress):
+        for relpath, result in tqdm(
+            zip(files, results), total=len(files), desc="check", unit="img", disable=not progress
+        ):
             checks[relpath] = result
         plan = make_plan(scan, checks, options)
         fingerprint = plan.fingerprint(options)
@@ -642,7 +625,7 @@ def build(src: str | Path, out: str | Path, options: BuildOptions, workers: int 
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(f".*{TMP_SUFFIX}"):
             stale.unlink()
-        _write_json(out / BUILD_STATE, {"build_fingerprint": fingerprint})
+        write_json_atomic(out / BUILD_STATE, {"build_fingerprint": fingerprint})
 
         image_locations = _write_shards(pool, functools.partial(scan.locate, src), out, plan, options, progress)
 
@@ -669,14 +652,17 @@ def _write_shards(pool, locate, out: Path, plan: Plan, options: BuildOptions, pr
     from tqdm import tqdm
 
     resume = {split: _finished_prefix(out, split, samples, options.format) for split, samples in plan.splits.items()}
-    jobs = [(locate(s.source), s.sha256, options.size, options.format, options.quality, options.align)
-            for split, (_, done) in resume.items() for s in plan.splits[split][len(done):]]
+    jobs = [
+        (locate(s.source), s.sha256, options.size, options.format, options.quality, options.align)
+        for split, (_, done) in resume.items()
+        for s in plan.splits[split][len(done) :]
+    ]
     encoded = pool.imap(convert_file, jobs, chunksize=16)
     bar = tqdm(total=len(jobs), desc="convert", unit="img", disable=not progress)
     image_locations = {}
     for split, (shard, locations) in resume.items():
         writer = ShardWriter(out, split, shard, options.max_samples, options.max_bytes)
-        for i, sample in enumerate(plan.splits[split][len(locations):], start=len(locations)):
+        for i, sample in enumerate(plan.splits[split][len(locations) :], start=len(locations)):
             try:
                 image = next(encoded)
             except (OSError, ValueError) as error:  # ShardError (changed file) passes through as is
@@ -689,8 +675,14 @@ def _write_shards(pool, locate, out: Path, plan: Plan, options: BuildOptions, pr
     return image_locations
 
 
-def _finish(out: Path, src: Path, plan: Plan, options: BuildOptions, fingerprint: str,
-            image_locations: dict[str, list[tuple[int, int, int]]]) -> dict:
+def _finish(
+    out: Path,
+    src: Path,
+    plan: Plan,
+    options: BuildOptions,
+    fingerprint: str,
+    image_locations: dict[str, list[tuple[int, int, int]]],
+) -> dict:
     """Write each split's index, then report.json and (last) manifest.json."""
     splits = {}
     for split, samples in plan.splits.items():
@@ -701,11 +693,13 @@ def _finish(out: Path, src: Path, plan: Plan, options: BuildOptions, fingerprint
         shards = []
         for shard, count in enumerate(np.bincount(rows["shard"]).tolist()):
             path = out / shard_name(split, shard)
-            shards.append({"file": path.name, "samples": count, "bytes": path.stat().st_size, "sha256": file_sha256(path)})
+            shards.append(
+                {"file": path.name, "samples": count, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+            )
         index_name = f"{split}-index.npy"
         buffer = io.BytesIO()
         np.save(buffer, rows, allow_pickle=False)
-        atomic_write_bytes(out / index_name, buffer.getvalue())
+        write_bytes_atomic(out / index_name, buffer.getvalue())
         splits[split] = {
             "classes": plan.classes[split],
             "images_per_class": np.bincount(rows["label"], minlength=len(plan.classes[split])).tolist(),
@@ -724,8 +718,8 @@ def _finish(out: Path, src: Path, plan: Plan, options: BuildOptions, fingerprint
         "options": asdict(options),
         "build_fingerprint": fingerprint,
     }
-    _write_json(out / "report.json", plan.report)
-    _write_json(out / "manifest.json", manifest)
+    write_json_atomic(out / "report.json", plan.report)
+    write_json_atomic(out / "manifest.json", manifest)
     (out / BUILD_STATE).unlink(missing_ok=True)
     return manifest
 
@@ -737,7 +731,6 @@ def format_summary(summary: dict) -> str:
         f"{summary['skipped_identities']} identities | shards: {summary['shards']} | "
         f"{summary['bytes'] / 1e6:.1f} MB | {summary['images_per_second']} images/s"
     )
-
 
 
 def load_manifest(out: str | Path) -> dict:
@@ -788,7 +781,9 @@ def _verify_shard(job: tuple[str, str, int, str, int, list[str], np.ndarray, str
                 problems.append(f"{where}: bad .cls or .json ({error})")
                 continue
             if label != int(row["label"]) or not 0 <= label < len(classes) or meta.get("identity") != classes[label]:
-                problems.append(f"{where}: label {label} / identity {meta.get('identity')!r} disagree with the index/manifest")
+                problems.append(
+                    f"{where}: label {label} / identity {meta.get('identity')!r} disagree with the index/manifest"
+                )
             try:
                 decoded = decode_rgb(read(image))
             except Exception as error:  # any decoder failure is a bad sample
@@ -813,7 +808,9 @@ def verify(out: str | Path, workers: int = 1, progress: bool = True) -> list[str
             continue
         rows = np.load(index_path, allow_pickle=False)
         if rows.dtype != INDEX_DTYPE or len(rows) != meta["num_samples"]:
-            problems.append(f"{meta['index']}: {len(rows)} rows of {rows.dtype}, expected {meta['num_samples']} of {INDEX_DTYPE}")
+            problems.append(
+                f"{meta['index']}: {len(rows)} rows of {rows.dtype}, expected {meta['num_samples']} of {INDEX_DTYPE}"
+            )
             continue
         counts = np.bincount(rows["label"], minlength=len(meta["classes"])).tolist()
         if np.any(np.diff(rows["label"]) < 0) or counts != meta["images_per_class"]:
@@ -824,16 +821,29 @@ def verify(out: str | Path, workers: int = 1, progress: bool = True) -> list[str
             if not path.exists() or path.stat().st_size != shard["bytes"]:
                 problems.append(f"{shard['file']}: missing or size differs from manifest.json")
             else:
-                shard_rows = rows[first:first + shard["samples"]]
+                shard_rows = rows[first : first + shard["samples"]]
                 if len(shard_rows) != shard["samples"] or np.any(shard_rows["shard"] != shard_number):
                     problems.append(f"{shard['file']}: index rows do not match its {shard['samples']} samples")
                 else:
-                    jobs.append((str(path), split, first, manifest["image_format"], manifest["image_size"], meta["classes"], np.array(shard_rows), shard["sha256"]))
+                    jobs.append(
+                        (
+                            str(path),
+                            split,
+                            first,
+                            manifest["image_format"],
+                            manifest["image_size"],
+                            meta["classes"],
+                            np.array(shard_rows),
+                            shard["sha256"],
+                        )
+                    )
             first += shard["samples"]
         if first != meta["num_samples"]:
             problems.append(f"{split}: shards hold {first} samples, manifest says {meta['num_samples']}")
     with worker_pool(workers) as pool:
-        for found in tqdm(pool.imap(_verify_shard, jobs), total=len(jobs), desc="verify", unit="shard", disable=not progress):
+        for found in tqdm(
+            pool.imap(_verify_shard, jobs), total=len(jobs), desc="verify", unit="shard", disable=not progress
+        ):
             problems.extend(found)
     return problems
 
@@ -841,7 +851,10 @@ def verify(out: str | Path, workers: int = 1, progress: bool = True) -> list[str
 def info(out: str | Path) -> str:
     """A human-readable summary of a build."""
     manifest = load_manifest(out)
-    lines = [f"{out}: {manifest['image_size']}px {manifest['image_format']}, seed {manifest['seed']}, source {manifest['source']}"]
+    lines = [
+        f"{out}: {manifest['image_size']}px {manifest['image_format']}, seed {manifest['seed']}, "
+        f"source {manifest['source']}"
+    ]
     for split, meta in manifest["splits"].items():
         counts = np.array(meta["images_per_class"])
         size = sum(s["bytes"] for s in meta["shards"])

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from facedist.data.shards import atomic_write_bytes, encode_image, worker_pool
+from facedist.data.shards import encode_image, worker_pool
+from facedist.durable import write_bytes_atomic
 
 SUPERSAMPLE = 2  # faces are drawn at 2x and resampled once, which anti-aliases their edges
 HAIR_STYLES = ("bald", "short", "long", "bangs", "side_part")
@@ -89,10 +90,23 @@ def sample_identity(seed: int, identity: int) -> FaceIdentity:
     moles = tuple((u(-0.8, 0.8), u(-0.5, 0.8), u(0.02, 0.05)) for _ in range(rng.integers(0, 4)))
     birthmark = None
     if u() < 0.35:
-        birthmark = (u(-0.6, 0.6), u(-0.4, 0.7), u(0.08, 0.2), u(0.06, 0.15), _hsv(u(0.9, 1.05), u(0.3, 0.7), u(0.3, 0.7)))
+        birthmark = (
+            u(-0.6, 0.6),
+            u(-0.4, 0.7),
+            u(0.08, 0.2),
+            u(0.06, 0.15),
+            _hsv(u(0.9, 1.05), u(0.3, 0.7), u(0.3, 0.7)),
+        )
     paint = None
     if u() < 0.3:
-        paint = (u(-0.9, 0.9), u(-0.5, 0.9), u(-0.9, 0.9), u(-0.5, 0.9), u(0.04, 0.1), _hsv(u(0, 1), u(0.6, 1), u(0.5, 1)))
+        paint = (
+            u(-0.9, 0.9),
+            u(-0.5, 0.9),
+            u(-0.9, 0.9),
+            u(-0.5, 0.9),
+            u(0.04, 0.1),
+            _hsv(u(0, 1), u(0.6, 1), u(0.5, 1)),
+        )
     freckles = tuple((u(-0.6, 0.6), u(0.0, 0.45)) for _ in range(rng.integers(8, 20))) if u() < 0.3 else ()
     glasses = _hsv(u(0, 1), u(0, 1), u(0, 0.8)) if u() < 0.3 else None
     beard = _scale_colour(hair, u(0.6, 1.0)) if u() < 0.3 else None
@@ -179,7 +193,10 @@ def _draw_face(face: FaceIdentity, rng: np.random.Generator, canvas: int) -> Ima
         d.ellipse([f.cx - f.a * 1.1, f.cy - f.b * 1.1, f.cx + f.a * 1.1, f.cy + f.b * 0.6], fill=face.hair)
     if face.ear_size > 0.03:
         for side in (-1, 1):
-            d.ellipse(f.box(side * (1.0 - face.ear_size * 0.3) - yaw, -0.05, face.ear_size, face.ear_size * 2.2), fill=face.skin)
+            d.ellipse(
+                f.box(side * (1.0 - face.ear_size * 0.3) - yaw, -0.05, face.ear_size, face.ear_size * 2.2),
+                fill=face.skin,
+            )
     d.polygon(_outline(face, f), fill=face.skin)
     if face.hair_style != "bald":
         hairline = -1 + face.hairline * 2
@@ -207,11 +224,16 @@ def _draw_face(face: FaceIdentity, rng: np.random.Generator, canvas: int) -> Ima
     aspect = f.a / f.b  # converts a radius in face-width units to face-height units
     for side in (-1, 1):
         eu = side * face.eye_spacing
-        d.ellipse(f.box(eu, face.eye_y, face.eye_rx, face.eye_rx * face.eye_ratio * aspect * openness), fill=(245, 245, 240))
+        d.ellipse(
+            f.box(eu, face.eye_y, face.eye_rx, face.eye_rx * face.eye_ratio * aspect * openness), fill=(245, 245, 240)
+        )
         if openness > 0.3:
             iu = eu + gaze * face.eye_rx * 0.4
             for radius, colour in ((face.eye_rx * 0.55, face.iris), (face.eye_rx * 0.25, (10, 10, 10))):
-                d.ellipse(f.box(iu, face.eye_y, radius, min(radius, face.eye_rx * face.eye_ratio * openness) * aspect), fill=colour)
+                d.ellipse(
+                    f.box(iu, face.eye_y, radius, min(radius, face.eye_rx * face.eye_ratio * openness) * aspect),
+                    fill=colour,
+                )
         brow_v = face.eye_y - face.eye_rx * face.eye_ratio * aspect - face.brow_gap
         tilt = side * face.brow_tilt * face.eye_rx
         d.line(
@@ -239,8 +261,14 @@ def _draw_face(face: FaceIdentity, rng: np.random.Generator, canvas: int) -> Ima
     if face.glasses is not None:
         rim = face.eye_rx * 1.5
         for side in (-1, 1):
-            d.ellipse(f.box(side * face.eye_spacing, face.eye_y, rim, rim * aspect), outline=face.glasses, width=stroke(0.05))
-        d.line([f.xy(-face.eye_spacing + rim, face.eye_y), f.xy(face.eye_spacing - rim, face.eye_y)], fill=face.glasses, width=stroke(0.04))
+            d.ellipse(
+                f.box(side * face.eye_spacing, face.eye_y, rim, rim * aspect), outline=face.glasses, width=stroke(0.05)
+            )
+        d.line(
+            [f.xy(-face.eye_spacing + rim, face.eye_y), f.xy(face.eye_spacing - rim, face.eye_y)],
+            fill=face.glasses,
+            width=stroke(0.04),
+        )
     return layer
 
 
@@ -312,7 +340,7 @@ def _write_identity(job: tuple[Path, int, int, int, int, str]) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     for j in range(images_per_identity):
         data = encode_image(render_image(face, seed, identity, j, size), image_format, quality=95)
-        atomic_write_bytes(folder / f"{j:04d}.{image_format}", data, fsync=False)
+        write_bytes_atomic(folder / f"{j:04d}.{image_format}", data, fsync=False)
     return images_per_identity
 
 

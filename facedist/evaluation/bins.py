@@ -19,9 +19,9 @@ import io
 import json
 import pickle
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from facedist import distributed
-from facedist.checkpoint import write_atomic
+from facedist.durable import write_atomic
 from facedist.evaluation import plots
 from facedist.evaluation.metrics import count_scores, pair_scores, roc_metrics
 from facedist.inference import ImageError, embed_dataset, load_image, preprocess
@@ -67,8 +67,10 @@ class _BinUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in _ALLOWED:
-            raise BinFormatError(f"{self.path}: refused to load {module}.{name} (a .bin holds only bytes, "
-                                 "lists, bools and numpy byte arrays; this pickle asks for more)")
+            raise BinFormatError(
+                f"{self.path}: refused to load {module}.{name} (a .bin holds only bytes, "
+                "lists, bools and numpy byte arrays; this pickle asks for more)"
+            )
         return _ALLOWED[(module, name)]()
 
 
@@ -77,8 +79,10 @@ def _encoded(item, path: Path, position: int) -> bytes:
         return bytes(item)
     if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1:
         return item.tobytes()
-    raise BinFormatError(f"{path}: image {position} is a {type(item).__name__}"
-                         f"{' of ' + str(item.dtype) if isinstance(item, np.ndarray) else ''}, expected encoded bytes")
+    raise BinFormatError(
+        f"{path}: image {position} is a {type(item).__name__}"
+        f"{' of ' + str(item.dtype) if isinstance(item, np.ndarray) else ''}, expected encoded bytes"
+    )
 
 
 def read_bin(path: str | Path) -> tuple[list[bytes], np.ndarray]:
@@ -103,7 +107,9 @@ def read_bin(path: str | Path) -> tuple[list[bytes], np.ndarray]:
     if not isinstance(issame, (list, tuple)) or not all(isinstance(v, (bool, np.bool_)) for v in issame):
         raise BinFormatError(f"{path}: issame_list must be a list of booleans")
     if not issame or len(bins) != 2 * len(issame):
-        raise BinFormatError(f"{path}: {len(bins)} images for {len(issame)} pairs (expected 2 images a pair, >= 1 pair)")
+        raise BinFormatError(
+            f"{path}: {len(bins)} images for {len(issame)} pairs (expected 2 images a pair, >= 1 pair)"
+        )
     return [_encoded(item, path, k) for k, item in enumerate(bins)], np.asarray(issame, dtype=bool)
 
 
@@ -209,8 +215,13 @@ def standard_accuracy(distances, issame, thresholds=THRESHOLDS, folds: int = FOL
         best = int(np.argmax(correct[:, train].sum(1)))
         accuracies.append(float(correct[best, test].mean()))
         chosen.append(float(thresholds[best]))
-    return {"accuracy": float(np.mean(accuracies)), "accuracy_std": float(np.std(accuracies)),
-            "threshold": float(np.mean(chosen)), "fold_accuracies": accuracies, "fold_thresholds": chosen}
+    return {
+        "accuracy": float(np.mean(accuracies)),
+        "accuracy_std": float(np.std(accuracies)),
+        "threshold": float(np.mean(chosen)),
+        "fold_accuracies": accuracies,
+        "fold_thresholds": chosen,
+    }
 
 
 def bin_metrics(embeddings, issame) -> dict:
@@ -246,16 +257,24 @@ def load_set(path: str | Path) -> BinSet:
     return BinSet(set_name(path), images, issame, image_sizes(images))
 
 
-def evaluate_set(model: torch.nn.Module, bin_set: BinSet, preprocessing: dict, batch_size: int = 64,
-                 num_workers: int = 0, progress: bool = False) -> tuple[dict, np.ndarray]:
+def evaluate_set(
+    model: torch.nn.Module,
+    bin_set: BinSet,
+    preprocessing: dict,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> tuple[dict, np.ndarray]:
     """(metrics, [2P, D] embeddings) of one set; images split across ranks, every rank gets the result."""
     size = int(preprocessing["image_size"])
     other = sorted(s for s in bin_set.sizes if s != (size, size))
     if other and not bin_set.resize_said and distributed.rank() == 0:
         bin_set.resize_said = True
         shown = ", ".join(f"{w}x{h}" for w, h in other[:3]) + (" ..." if len(other) > 3 else "")
-        print(f"{bin_set.name}: images of {shown} resized to the model's {size}x{size} "
-              "(shorter side, then centre crop)", file=sys.stderr)
+        print(
+            f"{bin_set.name}: images of {shown} resized to the model's {size}x{size} (shorter side, then centre crop)",
+            file=sys.stderr,
+        )
     dataset = BinImages(bin_set.images, preprocessing, bin_set.name)
     result = embed_dataset(model, dataset, batch_size, flip=True, num_workers=num_workers, progress=progress)
     return bin_metrics(result.vectors, bin_set.issame), result.vectors
@@ -266,10 +285,12 @@ def write_set_report(out: str | Path, bin_set: BinSet, metrics: dict, embeddings
     out = Path(out)
     (out / bin_set.name).mkdir(parents=True, exist_ok=True)
     write_atomic(out / bin_set.name / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
-    plots.save_figure(plots.roc_figure(metrics["roc"], metrics["tar_at_far"], metrics["num_impostor"]),
-                      out / bin_set.name / "roc.png")
-    write_atomic(out / f"{bin_set.name}_embeddings.npz",
-                 lambda tmp: save_npz(tmp, embeddings=embeddings, issame=bin_set.issame))
+    plots.save_figure(
+        plots.roc_figure(metrics["roc"], metrics["tar_at_far"], metrics["num_impostor"]), out / bin_set.name / "roc.png"
+    )
+    write_atomic(
+        out / f"{bin_set.name}_embeddings.npz", lambda tmp: save_npz(tmp, embeddings=embeddings, issame=bin_set.issame)
+    )
 
 
 def save_npz(path: str | Path, **arrays) -> None:
@@ -295,7 +316,7 @@ class TrainingBinEval:
             for line in metrics_log.read_text().splitlines():
                 for key, value in json.loads(line).items():
                     if key.endswith("_acc_best"):
-                        self.best[key[:-len("_best")]] = max(value, self.best.get(key[:-len("_best")], value))
+                        self.best[key[: -len("_best")]] = max(value, self.best.get(key[: -len("_best")], value))
 
     def __call__(self, eval_model: torch.nn.Module) -> dict:
         record = {}
@@ -303,6 +324,7 @@ class TrainingBinEval:
             metrics, _ = evaluate_set(eval_model, bin_set, self.preprocessing, self.batch_size, self.num_workers)
             key = f"{bin_set.name}_acc"
             self.best[key] = max(metrics["accuracy"], self.best.get(key, -1.0))
-            record.update({key: metrics["accuracy"], f"{key}_std": metrics["accuracy_std"],
-                           f"{key}_best": self.best[key]})
+            record.update(
+                {key: metrics["accuracy"], f"{key}_std": metrics["accuracy_std"], f"{key}_best": self.best[key]}
+            )
         return record

@@ -26,10 +26,18 @@ from pathlib import Path
 import numpy as np
 
 from facedist import distributed
-from facedist.checkpoint import CheckpointError, write_atomic, load_embedding_model
+from facedist.checkpoint import CheckpointError, load_embedding_model
 from facedist.data.shards import ShardError
-from facedist.inference import (IMAGE_EXTENSIONS, ImageDataset, ImageError, ShardImages, embed_dataset, flip_default,
-                                list_images)
+from facedist.durable import write_atomic
+from facedist.inference import (
+    IMAGE_EXTENSIONS,
+    ImageDataset,
+    ImageError,
+    ShardImages,
+    embed_dataset,
+    flip_default,
+    list_images,
+)
 
 THRESHOLDS_FILE = "thresholds.json"
 
@@ -49,7 +57,9 @@ def _lfw_image(root: Path, name: str, number: str, where: str) -> Path:
     raise PairsError(f"{where}: image {stem}.jpg not found")
 
 
-def read_pairs(pairs_file: str | Path, root: str | Path) -> tuple[list[Path], list[str], np.ndarray, np.ndarray, np.ndarray]:
+def read_pairs(
+    pairs_file: str | Path, root: str | Path
+) -> tuple[list[Path], list[str], np.ndarray, np.ndarray, np.ndarray]:
     """Parse an LFW-style pairs file: an optional header of one or two integers (folds, pairs per fold),
     then `name i j` (same person) or `name1 i name2 j` (different people) per line.
 
@@ -97,7 +107,9 @@ def write_thresholds(checkpoint_dir: Path, metrics: dict, source: str, flip: boo
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="facedist-eval", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="checkpoint dir, training output_dir (latest) or model.safetensors")
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint dir, training output_dir (latest) or model.safetensors"
+    )
     source = parser.add_argument_group("data (one of --shards, --folder, --pairs with --folder, --bin, --ijb)")
     source.add_argument("--shards", help="shard folder (facedist-shards build)")
     source.add_argument("--split", default="test", help="shard split (default: test)")
@@ -107,8 +119,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--ijb", help="IJB-B/C folder as released (meta/, loose_crop/)")
     source.add_argument("--ijb-name", choices=("IJBB", "IJBC"), default="IJBC", help="which IJB set --ijb holds")
     parser.add_argument("--out", required=True, help="folder for metrics.json, plots and TensorBoard")
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction,
-                        help="flip test-time augmentation (default: as the checkpoint records, eval.flip)")
+    parser.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        help="flip test-time augmentation (default: as the checkpoint records, eval.flip)",
+    )
     parser.add_argument("--align", action="store_true", help="detect and align faces first (raw photos)")
     parser.add_argument("--tsne", action="store_true", help="also plot a t-SNE of the embeddings")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -116,7 +131,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
     args = parser.parse_args(argv)
     if sum(map(bool, (args.shards, args.folder, args.bin, args.ijb))) != 1:
-        parser.error("give exactly one of --shards DIR, --folder DIR, --bin FILE or --ijb DIR (--pairs needs --folder as image root)")
+        parser.error(
+            "give exactly one of --shards DIR, --folder DIR, --bin FILE or --ijb DIR "
+            "(--pairs needs --folder as image root)"
+        )
     if args.pairs and not args.folder:
         parser.error("--pairs needs --folder (the image root)")
     if args.batch_size <= 0:
@@ -131,7 +149,12 @@ def _dataset(args, preprocessing: dict):
 
         images = ShardImages(ShardIndex(args.shards, args.split), int(preprocessing["image_size"]))
         dataset = ImageDataset(images, preprocessing, align=args.align, names=images.names())
-        return dataset, np.asarray(images.index.labels, dtype=np.int64), None, f"shards {args.shards} split {args.split}"
+        return (
+            dataset,
+            np.asarray(images.index.labels, dtype=np.int64),
+            None,
+            f"shards {args.shards} split {args.split}",
+        )
     if args.pairs:
         paths, identities, index_a, index_b, same = read_pairs(args.pairs, args.folder)
         pairs = (index_a, index_b, same)
@@ -140,7 +163,9 @@ def _dataset(args, preprocessing: dict):
         paths, identities = list_images(args.folder)
         loose = [p for p, identity in zip(paths, identities) if not identity]
         if loose:
-            raise ImageError(f"--folder {args.folder}: {loose[0]} is not inside an identity folder (DIR/<identity>/<image>)")
+            raise ImageError(
+                f"--folder {args.folder}: {loose[0]} is not inside an identity folder (DIR/<identity>/<image>)"
+            )
         pairs, description = None, f"folder {args.folder}"
     labels = np.unique(np.array(identities), return_inverse=True)[1].astype(np.int64)
     return ImageDataset(paths, preprocessing, align=args.align), labels, pairs, description
@@ -165,11 +190,15 @@ def evaluate_bins(args: argparse.Namespace, device) -> dict | None:
     results = {}
     for path in args.bin:
         bin_set = bins.load_set(path)
-        metrics, embeddings = bins.evaluate_set(model, bin_set, preprocessing, args.batch_size, args.num_workers, progress=True)
+        metrics, embeddings = bins.evaluate_set(
+            model, bin_set, preprocessing, args.batch_size, args.num_workers, progress=True
+        )
         if distributed.rank() == 0:
             bins.write_set_report(args.out, bin_set, metrics, embeddings)
-            print(f"facedist-eval: {bin_set.name}: accuracy {metrics['accuracy']:.4f} +- {metrics['accuracy_std']:.4f} "
-                  f"({metrics['num_pairs']} pairs, 10 folds), AUC {metrics['auc']:.4f}, EER {metrics['eer']:.4f}")
+            print(
+                f"facedist-eval: {bin_set.name}: accuracy {metrics['accuracy']:.4f} +- {metrics['accuracy_std']:.4f} "
+                f"({metrics['num_pairs']} pairs, 10 folds), AUC {metrics['auc']:.4f}, EER {metrics['eer']:.4f}"
+            )
         results[bin_set.name] = metrics
     return results if distributed.rank() == 0 else None
 
@@ -179,13 +208,19 @@ def evaluate_ijb(args: argparse.Namespace, device) -> dict | None:
     from facedist.evaluation.ijb import evaluate_ijb as run
 
     model, preprocessing, _ = load_embedding_model(args.checkpoint, device)
-    metrics = run(args.ijb, args.ijb_name, model, preprocessing, args.out, args.batch_size, args.num_workers, progress=True)
+    metrics = run(
+        args.ijb, args.ijb_name, model, preprocessing, args.out, args.batch_size, args.num_workers, progress=True
+    )
     if distributed.rank() != 0:
         return None
     published, own = metrics["tar_at_far_published"], metrics["tar_at_far_facedist"]
-    print(f"facedist-eval: {metrics['name']}: {metrics['num_templates']} templates, {metrics['num_genuine']} + "
-          f"{metrics['num_impostor']} pairs; TAR@FAR (published rule / facedist rule): "
-          + ", ".join(f"{far}: {published[far]:.4f} / {'-' if own[far] is None else f'{own[far]:.4f}'}" for far in published))
+    print(
+        f"facedist-eval: {metrics['name']}: {metrics['num_templates']} templates, {metrics['num_genuine']} + "
+        f"{metrics['num_impostor']} pairs; TAR@FAR (published rule / facedist rule): "
+        + ", ".join(
+            f"{far}: {published[far]:.4f} / {'-' if own[far] is None else f'{own[far]:.4f}'}" for far in published
+        )
+    )
     return metrics
 
 
@@ -206,11 +241,19 @@ def evaluate(args: argparse.Namespace, device) -> dict | None:
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(out / "tensorboard")) as writer:
-        metrics = evaluate_embeddings(result.vectors, labels[result.indices], out_dir=out, tb_writer=writer,
-                                      pairs=_keep_pairs(pairs, result.indices, len(dataset)), tsne=args.tsne)
+        metrics = evaluate_embeddings(
+            result.vectors,
+            labels[result.indices],
+            out_dir=out,
+            tb_writer=writer,
+            pairs=_keep_pairs(pairs, result.indices, len(dataset)),
+            tsne=args.tsne,
+        )
     thresholds = write_thresholds(checkpoint_dir, metrics, description, flip, args.align)
-    print(f"facedist-eval: {description}: {len(result.indices)} images embedded, {len(result.skipped)} skipped; "
-          f"report in {out}, thresholds in {thresholds}")
+    print(
+        f"facedist-eval: {description}: {len(result.indices)} images embedded, {len(result.skipped)} skipped; "
+        f"report in {out}, thresholds in {thresholds}"
+    )
     return metrics
 
 

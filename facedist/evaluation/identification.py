@@ -20,15 +20,21 @@ share of the probes and the per-probe results are gathered in order, so the metr
 from __future__ import annotations
 
 import math
-
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from facedist import distributed
-from facedist.evaluation.metrics import (check_stop, chunk_rows, cosine_scores, count_scores, dense_labels, quantise,
-                                         rates_at_far)
+from facedist.evaluation.metrics import (
+    check_stop,
+    chunk_rows,
+    cosine_scores,
+    count_scores,
+    dense_labels,
+    quantise,
+    rates_at_far,
+)
 
 RANKS = (1, 5)
 FPIRS = (1e-1, 1e-2, 1e-3)
@@ -60,8 +66,14 @@ def _templates(q: torch.Tensor, labels: torch.Tensor, enrolled: torch.Tensor, id
     return quantise(sums), column
 
 
-def _search(q_probes: torch.Tensor, templates: torch.Tensor, own_column: torch.Tensor, chunk_size: int | None,
-            split_across_ranks: bool = False, should_stop: Callable[[], bool] | None = None):
+def _search(
+    q_probes: torch.Tensor,
+    templates: torch.Tensor,
+    own_column: torch.Tensor,
+    chunk_size: int | None,
+    split_across_ranks: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+):
     """Per probe: top score, and the rank of its own template (0 when it has none in the gallery)."""
     world, me = (distributed.world_size(), distributed.rank()) if split_across_ranks else (1, 0)
     shares = np.array_split(np.arange(len(q_probes)), world)
@@ -72,8 +84,8 @@ def _search(q_probes: torch.Tensor, templates: torch.Tensor, own_column: torch.T
     rank = [torch.empty(0, dtype=torch.int64, device=q_probes.device)]
     for start in range(0, steps * rows, rows):
         if start < len(q_probes):
-            scores = cosine_scores(q_probes[start:start + rows], templates)
-            own = own_column[start:start + rows]
+            scores = cosine_scores(q_probes[start : start + rows], templates)
+            own = own_column[start : start + rows]
             own_score = scores.gather(1, own.clamp(min=0)[:, None])
             top.append(scores.max(1).values)
             rank.append(torch.where(own >= 0, (scores >= own_score).sum(1), 0))
@@ -84,9 +96,18 @@ def _search(q_probes: torch.Tensor, templates: torch.Tensor, own_column: torch.T
     return top.cpu().numpy(), rank.cpu().numpy()
 
 
-def identification_metrics(embeddings, labels, gallery_per_identity: int = 1, ranks=RANKS, fpirs=FPIRS,
-                           distractor_fraction: float = 0.5, seed: int = 0, chunk_size: int | None = None,
-                           split_across_ranks: bool = False, should_stop: Callable[[], bool] | None = None) -> dict:
+def identification_metrics(
+    embeddings,
+    labels,
+    gallery_per_identity: int = 1,
+    ranks=RANKS,
+    fpirs=FPIRS,
+    distractor_fraction: float = 0.5,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    split_across_ranks: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict:
     """{"cmc": {"rank1", "rank5"}, "fnir_at_fpir": {far_key: FNIR or None}, "thresholds_at_fpir", and the
     counts behind them}. CMC is None without probes; open-set values are None with fewer than 2 identities.
     split_across_ranks, should_stop: as in metrics.verification_metrics (module docstring)."""

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from facedist import distributed
 from facedist.align import align_five_points
-from facedist.checkpoint import write_atomic
+from facedist.durable import write_atomic
 from facedist.evaluation import plots
 from facedist.evaluation.metrics import FARS, count_scores, far_key, roc_metrics
 from facedist.inference import ImageError, embed_dataset, load_image, preprocess
@@ -101,9 +101,13 @@ def read_meta(root: str | Path, name: str = "IJBC") -> IJBMeta:
     faces = _table(faces_path, 3, "image template media")
     points = _table(points_path, 12, "image, 5 landmarks (x y), faceness")
     if len(faces) != len(points) or any(f[0] != p[0] for f, p in zip(faces, points)):
-        mismatch = next((k for k, (f, p) in enumerate(zip(faces, points)) if f[0] != p[0]), min(len(faces), len(points)))
-        raise IJBError(f"{faces_path.name} and {points_path.name} disagree at face {mismatch + 1} "
-                       f"({len(faces)} and {len(points)} lines): they must list the same faces in the same order")
+        mismatch = next(
+            (k for k, (f, p) in enumerate(zip(faces, points)) if f[0] != p[0]), min(len(faces), len(points))
+        )
+        raise IJBError(
+            f"{faces_path.name} and {points_path.name} disagree at face {mismatch + 1} "
+            f"({len(faces)} and {len(points)} lines): they must list the same faces in the same order"
+        )
     ids = _numbers(faces, slice(1, 3), np.int64, faces_path)
     landmarks = _numbers(points, slice(1, 11), np.float32, points_path).reshape(-1, 5, 2)
     faceness = _numbers(points, slice(11, 12), np.float64, points_path)[:, 0]
@@ -111,11 +115,20 @@ def read_meta(root: str | Path, name: str = "IJBC") -> IJBMeta:
     known = np.isin(pair_values[:, :2], ids[:, 0])
     if not known.all():
         row = int(np.argmax(~known.all(1)))
-        raise IJBError(f"{pairs_path} pair {row + 1}: template {pair_values[row, int(np.argmax(~known[row]))]} has no faces")
+        raise IJBError(
+            f"{pairs_path} pair {row + 1}: template {pair_values[row, int(np.argmax(~known[row]))]} has no faces"
+        )
     if not np.isin(pair_values[:, 2], (0, 1)).all():
         raise IJBError(f"{pairs_path}: labels must be 0 or 1")
-    return IJBMeta([f[0] for f in faces], ids[:, 0], ids[:, 1], landmarks, faceness, pair_values[:, :2],
-                   pair_values[:, 2].astype(bool))
+    return IJBMeta(
+        [f[0] for f in faces],
+        ids[:, 0],
+        ids[:, 1],
+        landmarks,
+        faceness,
+        pair_values[:, :2],
+        pair_values[:, 2].astype(bool),
+    )
 
 
 class IJBFaces(Dataset):
@@ -138,9 +151,16 @@ class IJBFaces(Dataset):
             return torch.zeros(3, size, size), i, str(err), True
 
 
-def template_features(root: str | Path, meta: IJBMeta, model: torch.nn.Module, preprocessing: dict,
-                      batch_size: int = 64, num_workers: int = 0, chunk_faces: int = 50_000,
-                      progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def template_features(
+    root: str | Path,
+    meta: IJBMeta,
+    model: torch.nn.Module,
+    preprocessing: dict,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    chunk_faces: int = 50_000,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """(template ids [T] ascending, L2-normalised template features [T, D] float64), faces in chunks."""
     medium_keys, medium_of_face = np.unique(np.stack([meta.templates, meta.media], 1), axis=0, return_inverse=True)
     medium_of_face = medium_of_face.reshape(-1)
@@ -148,8 +168,9 @@ def template_features(root: str | Path, meta: IJBMeta, model: torch.nn.Module, p
     for start in range(0, len(meta.images), chunk_faces):
         indices = np.arange(start, min(start + chunk_faces, len(meta.images)))
         faces = IJBFaces(Path(root), meta, indices, preprocessing)
-        result = embed_dataset(model, faces, batch_size, flip=True, num_workers=num_workers, progress=progress,
-                               normalize=False)
+        result = embed_dataset(
+            model, faces, batch_size, flip=True, num_workers=num_workers, progress=progress, normalize=False
+        )
         features = result.vectors.astype(np.float64) * meta.faceness[indices[result.indices], None]
         if sums is None:
             sums = np.zeros((len(medium_keys), features.shape[1]))
@@ -160,12 +181,19 @@ def template_features(root: str | Path, meta: IJBMeta, model: torch.nn.Module, p
     return template_ids, templates / np.linalg.norm(templates, axis=1, keepdims=True)
 
 
-def pair_scores(template_ids: np.ndarray, features: np.ndarray, pairs: np.ndarray, chunk_pairs: int = 1_000_000) -> np.ndarray:
+def pair_scores(
+    template_ids: np.ndarray, features: np.ndarray, pairs: np.ndarray, chunk_pairs: int = 1_000_000
+) -> np.ndarray:
     """Dot products of the pairs' template features; the pairs split across ranks, scores gathered in order."""
     mine = np.array_split(np.arange(len(pairs)), distributed.world_size())[distributed.rank()]
     rows = np.searchsorted(template_ids, pairs[mine])
-    scores = np.concatenate([np.einsum("ij,ij->i", features[rows[s:s + chunk_pairs, 0]], features[rows[s:s + chunk_pairs, 1]])
-                             for s in range(0, len(rows), chunk_pairs)] or [np.zeros(0)])
+    scores = np.concatenate(
+        [
+            np.einsum("ij,ij->i", features[rows[s : s + chunk_pairs, 0]], features[rows[s : s + chunk_pairs, 1]])
+            for s in range(0, len(rows), chunk_pairs)
+        ]
+        or [np.zeros(0)]
+    )
     return distributed.gather_rows(torch.from_numpy(scores)).numpy()
 
 
@@ -178,32 +206,51 @@ def published_tar_at_far(labels: np.ndarray, scores: np.ndarray, fars=IJB_FARS) 
 def ijb_metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
     labels = np.asarray(labels, dtype=bool)
     facedist = roc_metrics(count_scores(scores[labels], scores[~labels]), IJB_FARS)
-    return {"tar_at_far_published": published_tar_at_far(labels, scores),
-            "tar_at_far_published_rule": "TAR at the ROC point nearest each FAR: argmin |fpr - far| on sklearn "
-                                         "roc_curve (as insightface's eval_ijbc)",
-            "tar_at_far_facedist": facedist["tar_at_far"],
-            "tar_at_far_facedist_rule": "highest TAR with FAR <= far; None where far x impostor pairs < 10",
-            **{k: facedist[k] for k in ("auc", "eer", "thresholds_at_far", "num_genuine", "num_impostor", "roc")}}
+    return {
+        "tar_at_far_published": published_tar_at_far(labels, scores),
+        "tar_at_far_published_rule": "TAR at the ROC point nearest each FAR: argmin |fpr - far| on sklearn "
+        "roc_curve (as insightface's eval_ijbc)",
+        "tar_at_far_facedist": facedist["tar_at_far"],
+        "tar_at_far_facedist_rule": "highest TAR with FAR <= far; None where far x impostor pairs < 10",
+        **{k: facedist[k] for k in ("auc", "eer", "thresholds_at_far", "num_genuine", "num_impostor", "roc")},
+    }
 
 
-def evaluate_ijb(root: str | Path, name: str, model: torch.nn.Module, preprocessing: dict, out: str | Path | None = None,
-                 batch_size: int = 64, num_workers: int = 0, chunk_faces: int = 50_000, progress: bool = False) -> dict:
+def evaluate_ijb(
+    root: str | Path,
+    name: str,
+    model: torch.nn.Module,
+    preprocessing: dict,
+    out: str | Path | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    chunk_faces: int = 50_000,
+    progress: bool = False,
+) -> dict:
     """Metrics of IJB-B/C 1:1 (module docstring) on every rank; the main rank writes OUT/metrics.json, OUT/roc.png
     and OUT/<name>_scores.npz (template pairs, labels, scores)."""
     meta = read_meta(root, name)
-    template_ids, features = template_features(root, meta, model, preprocessing, batch_size, num_workers,
-                                               chunk_faces, progress)
+    template_ids, features = template_features(
+        root, meta, model, preprocessing, batch_size, num_workers, chunk_faces, progress
+    )
     scores = pair_scores(template_ids, features, meta.pairs)
-    metrics = {"name": name.upper(), "num_faces": len(meta.images), "num_templates": len(template_ids),
-               **ijb_metrics(meta.labels, scores)}
+    metrics = {
+        "name": name.upper(),
+        "num_faces": len(meta.images),
+        "num_templates": len(template_ids),
+        **ijb_metrics(meta.labels, scores),
+    }
     if out is not None and distributed.rank() == 0:
         from facedist.evaluation.bins import save_npz
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
-        plots.save_figure(plots.roc_figure(metrics["roc"], metrics["tar_at_far_facedist"], metrics["num_impostor"]),
-                          out / "roc.png")
-        write_atomic(out / f"{name.lower()}_scores.npz",
-                     lambda tmp: save_npz(tmp, pairs=meta.pairs, labels=meta.labels, scores=scores))
+        plots.save_figure(
+            plots.roc_figure(metrics["roc"], metrics["tar_at_far_facedist"], metrics["num_impostor"]), out / "roc.png"
+        )
+        write_atomic(
+            out / f"{name.lower()}_scores.npz",
+            lambda tmp: save_npz(tmp, pairs=meta.pairs, labels=meta.labels, scores=scores),
+        )
     return metrics

@@ -36,8 +36,8 @@ From the counts, exactly:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -96,7 +96,7 @@ def _triangle_block(q: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     unscaled in the hot loop): [rows, start:] with j <= i set to +inf."""
     block = q[start:stop] @ q[start:].T
     below_diagonal = torch.ones(stop - start, stop - start, dtype=torch.bool, device=q.device).tril()
-    block[:, :stop - start].masked_fill_(below_diagonal, math.inf)
+    block[:, : stop - start].masked_fill_(below_diagonal, math.inf)
     return block
 
 
@@ -169,8 +169,14 @@ def count_scores(genuine, impostor) -> ScoreCounts:
     return ScoreCounts(values, multiplicity, below, equal, len(impostor))
 
 
-def all_pairs_counts(embeddings, labels, chunk_size: int | None = None, histogram_bins: int = 0,
-                     split_across_ranks: bool = False, should_stop: Callable[[], bool] | None = None):
+def all_pairs_counts(
+    embeddings,
+    labels,
+    chunk_size: int | None = None,
+    histogram_bins: int = 0,
+    split_across_ranks: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+):
     """ScoreCounts over all N(N-1)/2 pairs, chunked (memory bound in the module docstring), and, when
     histogram_bins > 0, (edges, genuine counts, impostor counts) of all scores on [-1, 1] for plotting.
     split_across_ranks / should_stop: see the module docstring (every rank calls it with all embeddings)."""
@@ -182,7 +188,7 @@ def all_pairs_counts(embeddings, labels, chunk_size: int | None = None, histogra
     genuine, start = [], 0
     for size in class_sizes:
         if size > 1:  # genuine pairs: the upper triangle of each identity's own block
-            members = q[order[start:start + size]]
+            members = q[order[start : start + size]]
             genuine += [block[torch.isfinite(block)] for block in _triangle_blocks(members, chunk_size)]
         start += size
     if not genuine:
@@ -222,8 +228,12 @@ def all_pairs_counts(embeddings, labels, chunk_size: int | None = None, histogra
     counts = ScoreCounts(values.cpu().numpy() * SCORE_SCALE, multiplicity, impostor_below, impostor_equal, num_impostor)
     if not histogram_bins:
         return counts, None
-    genuine_histogram = torch.histc(values.repeat_interleave(torch.as_tensor(multiplicity, device=values.device)),
-                                    histogram_bins, -1 / SCORE_SCALE, 1 / SCORE_SCALE)
+    genuine_histogram = torch.histc(
+        values.repeat_interleave(torch.as_tensor(multiplicity, device=values.device)),
+        histogram_bins,
+        -1 / SCORE_SCALE,
+        1 / SCORE_SCALE,
+    )
     edges = np.linspace(-1.0, 1.0, histogram_bins + 1)
     return counts, (edges, genuine_histogram.cpu().numpy(), (histogram - genuine_histogram).cpu().numpy())
 
@@ -290,19 +300,34 @@ def roc_metrics(c: ScoreCounts, fars=FARS, roc_points: int = 2000) -> dict:
 
     tar_at_far, thresholds_at_far = rates_at_far(c, fars)
     keep = _downsample(far, roc_points)
-    return {"auc": auc, "eer": eer, "tar_at_far": tar_at_far, "thresholds_at_far": thresholds_at_far,
-            "num_genuine": num_genuine, "num_impostor": num_impostor,
-            "roc": {"far": far[keep].tolist(), "tar": tar[keep].tolist()}}
+    return {
+        "auc": auc,
+        "eer": eer,
+        "tar_at_far": tar_at_far,
+        "thresholds_at_far": thresholds_at_far,
+        "num_genuine": num_genuine,
+        "num_impostor": num_impostor,
+        "roc": {"far": far[keep].tolist(), "tar": tar[keep].tolist()},
+    }
 
 
-def verification_metrics(embeddings, labels, fars=FARS, chunk_size: int | None = None, roc_points: int = 2000,
-                         histogram_bins: int = 0, split_across_ranks: bool = False,
-                         should_stop: Callable[[], bool] | None = None) -> dict:
+def verification_metrics(
+    embeddings,
+    labels,
+    fars=FARS,
+    chunk_size: int | None = None,
+    roc_points: int = 2000,
+    histogram_bins: int = 0,
+    split_across_ranks: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict:
     """Exact 1:1 verification over all pairs of [N, D] embeddings (torch on any device, or numpy) with
     identity labels [N]: see `roc_metrics` for the keys; with histogram_bins, also "score_histogram"
     {"edges", "genuine", "impostor"} (pair counts). Memory bound, rules and splitting across ranks in the
     module docstring."""
-    counts, histogram = all_pairs_counts(embeddings, labels, chunk_size, histogram_bins, split_across_ranks, should_stop)
+    counts, histogram = all_pairs_counts(
+        embeddings, labels, chunk_size, histogram_bins, split_across_ranks, should_stop
+    )
     result = roc_metrics(counts, fars, roc_points)
     if histogram is not None:
         result["score_histogram"] = dict(zip(("edges", "genuine", "impostor"), (h.tolist() for h in histogram)))
@@ -353,7 +378,8 @@ def balanced_pairs(labels, pairs_per_side: int = 3000, seed: int = 0):
 def kfold_accuracy(scores, same, folds: int = 10) -> dict:
     """LFW protocol: split the pair list into `folds` consecutive folds (a pairs file's own folds); for each,
     the threshold with the best accuracy on the other folds (over every training score, accept >= t; the
-    highest of equally good ones) is applied to it. Returns {"mean", "std", "threshold"} (std over folds; threshold: mean of the folds')."""
+    highest of equally good ones) is applied to it. Returns {"mean", "std", "threshold"} (std over folds;
+    threshold: mean of the folds')."""
     scores, same = np.asarray(scores, dtype=np.float64), np.asarray(same, dtype=bool)
     folds = min(folds, len(scores))
     if folds < 2:
@@ -371,8 +397,11 @@ def kfold_accuracy(scores, same, folds: int = 10) -> dict:
             threshold = candidates[int(np.argmax(correct))]
         accuracies.append(np.mean((scores[test] >= threshold) == same[test]))
         thresholds.append(threshold)
-    return {"mean": float(np.mean(accuracies)), "std": float(np.std(accuracies)),
-            "threshold": float(np.mean(np.clip(thresholds, -1.0, 1.0)))}
+    return {
+        "mean": float(np.mean(accuracies)),
+        "std": float(np.std(accuracies)),
+        "threshold": float(np.mean(np.clip(thresholds, -1.0, 1.0))),
+    }
 
 
 def pair_list_metrics(scores, same, folds: int = 10) -> dict:
@@ -382,7 +411,10 @@ def pair_list_metrics(scores, same, folds: int = 10) -> dict:
     if same.all() or not same.any():
         raise ValueError("the pair list needs both same-identity and different-identity pairs")
     precision, recall, _ = precision_recall_curve(same, scores)
-    return {"accuracy_kfold": kfold_accuracy(scores, same, folds),
-            "average_precision": float(average_precision_score(same, scores)),
-            "num_pairs": int(len(same)), "num_same_pairs": int(same.sum()),
-            "pr": {"precision": precision.tolist(), "recall": recall.tolist()}}
+    return {
+        "accuracy_kfold": kfold_accuracy(scores, same, folds),
+        "average_precision": float(average_precision_score(same, scores)),
+        "num_pairs": int(len(same)),
+        "num_same_pairs": int(same.sum()),
+        "pr": {"precision": precision.tolist(), "recall": recall.tolist()},
+    }

@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from facedist.checkpoint import write_atomic
+from facedist.durable import write_atomic
 
 
 def _figure(width: float = 5.5, height: float = 4.5):
@@ -76,7 +76,9 @@ def tsne_figure(embeddings: np.ndarray, labels: np.ndarray, max_points: int = 20
     keep = np.isin(labels, chosen)
     points, point_labels = embeddings[keep], labels[keep]
     perplexity = float(min(30.0, max(2.0, (len(points) - 1) / 3)))
-    xy = TSNE(n_components=2, perplexity=perplexity, metric="cosine", init="pca", random_state=seed).fit_transform(points)
+    xy = TSNE(n_components=2, perplexity=perplexity, metric="cosine", init="pca", random_state=seed).fit_transform(
+        points
+    )
     figure, ax = _figure(6.0, 6.0)
     colour = np.searchsorted(np.sort(chosen), point_labels) % 20
     ax.scatter(xy[:, 0], xy[:, 1], c=colour, cmap="tab20", vmin=0, vmax=19, s=8)

@@ -44,10 +44,16 @@ def score(embeddings: np.ndarray, identities, paths, gallery: int = 5) -> dict:
     vectors = np.asarray(embeddings, dtype=np.float32)[order]
     verification = verification_metrics(vectors, labels)
     identification = identification_metrics(vectors, labels, gallery_per_identity=gallery)
-    return {"auc": verification["auc"], "eer": verification["eer"],
-            "tar@far=1e-2": verification["tar_at_far"]["1e-02"], "tar@far=1e-3": verification["tar_at_far"]["1e-03"],
-            "rank1": identification["cmc"]["rank1"] if identification["cmc"] else None,
-            "images": len(vectors), "identities": len(names), "probes": identification["num_probes"]}
+    return {
+        "auc": verification["auc"],
+        "eer": verification["eer"],
+        "tar@far=1e-2": verification["tar_at_far"]["1e-02"],
+        "tar@far=1e-3": verification["tar_at_far"]["1e-03"],
+        "rank1": identification["cmc"]["rank1"] if identification["cmc"] else None,
+        "images": len(vectors),
+        "identities": len(names),
+        "probes": identification["num_probes"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,46 +15,67 @@ across the ranks (see metrics.py), the rest runs on rank 0 alone and the other r
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from facedist import distributed
-from facedist.checkpoint import write_atomic
+from facedist.durable import write_atomic
 from facedist.evaluation import plots
 from facedist.evaluation.identification import FPIRS, identification_metrics
-from facedist.evaluation.metrics import (FARS, balanced_pairs, pair_list_metrics, pair_scores,
-                                         verification_metrics)
+from facedist.evaluation.metrics import FARS, balanced_pairs, pair_list_metrics, pair_scores, verification_metrics
 
 PROJECTOR_POINTS = 1000  # the projector is for looking at; TensorBoard stores it as text, ~10.8 MB per 1,000 x 512
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
     """The numbers worth a TensorBoard curve, flattened to 'group/key' names (None: not logged)."""
-    scalars = {"auc": metrics["auc"], "eer": metrics["eer"], "accuracy_kfold": metrics["accuracy_kfold"]["mean"],
-               "average_precision": metrics["average_precision"]}
+    scalars = {
+        "auc": metrics["auc"],
+        "eer": metrics["eer"],
+        "accuracy_kfold": metrics["accuracy_kfold"]["mean"],
+        "average_precision": metrics["average_precision"],
+    }
     for group in ("tar_at_far", "cmc", "fnir_at_fpir"):
         scalars.update({f"{group}/{key}": value for key, value in (metrics[group] or {}).items()})
     return {name: value for name, value in scalars.items() if value is not None}
 
 
 def _figures(metrics: dict, pr: dict, embeddings, labels, tsne: bool, seed: int) -> dict:
-    figures = {"roc": plots.roc_figure(metrics["roc"], metrics["tar_at_far"], metrics["num_impostor"]),
-               "pr": plots.pr_figure(pr, metrics["average_precision"], metrics["pairs"]["num_pairs"]),
-               "score_histogram": plots.score_histogram_figure(metrics["score_histogram"])}
+    figures = {
+        "roc": plots.roc_figure(metrics["roc"], metrics["tar_at_far"], metrics["num_impostor"]),
+        "pr": plots.pr_figure(pr, metrics["average_precision"], metrics["pairs"]["num_pairs"]),
+        "score_histogram": plots.score_histogram_figure(metrics["score_histogram"]),
+    }
     if tsne:
         figures["tsne"] = plots.tsne_figure(embeddings, labels, seed=seed)
     return figures
 
 
-def evaluate_embeddings(embeddings, labels, out_dir=None, tb_writer=None, step: int = 0, tsne: bool = False,
-                        pairs=None, *, fars=FARS, fpirs=FPIRS, chunk_size: int | None = None,
-                        pairs_per_side: int = 3000, seed: int = 0, gallery_per_identity: int = 1,
-                        distractor_fraction: float = 0.5, histogram_bins: int = 200, tag: str = "eval",
-                        projector_points: int = PROJECTOR_POINTS, split_across_ranks: bool = False,
-                        should_stop: Callable[[], bool] | None = None) -> dict | None:
+def evaluate_embeddings(
+    embeddings,
+    labels,
+    out_dir=None,
+    tb_writer=None,
+    step: int = 0,
+    tsne: bool = False,
+    pairs=None,
+    *,
+    fars=FARS,
+    fpirs=FPIRS,
+    chunk_size: int | None = None,
+    pairs_per_side: int = 3000,
+    seed: int = 0,
+    gallery_per_identity: int = 1,
+    distractor_fraction: float = 0.5,
+    histogram_bins: int = 200,
+    tag: str = "eval",
+    projector_points: int = PROJECTOR_POINTS,
+    split_across_ranks: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict | None:
     """Evaluate [N, D] embeddings (torch on any device, or numpy) of N images with identity labels [N].
 
     pairs: optional (index_a, index_b, same) into the embeddings, e.g. a pairs file's; the k-fold accuracy
@@ -66,13 +87,22 @@ def evaluate_embeddings(embeddings, labels, out_dir=None, tb_writer=None, step: 
     """
     split = {"split_across_ranks": split_across_ranks, "should_stop": should_stop}
     metrics = verification_metrics(embeddings, labels, fars, chunk_size, histogram_bins=histogram_bins, **split)
-    identification = identification_metrics(embeddings, labels, gallery_per_identity, fpirs=fpirs,
-                                            distractor_fraction=distractor_fraction, seed=seed, chunk_size=chunk_size,
-                                            **split)
+    identification = identification_metrics(
+        embeddings,
+        labels,
+        gallery_per_identity,
+        fpirs=fpirs,
+        distractor_fraction=distractor_fraction,
+        seed=seed,
+        chunk_size=chunk_size,
+        **split,
+    )
     if split_across_ranks and distributed.rank() != 0:
         return None
     if pairs is None:
-        index_a, index_b, same = balanced_pairs(labels.cpu() if torch.is_tensor(labels) else labels, pairs_per_side, seed)
+        index_a, index_b, same = balanced_pairs(
+            labels.cpu() if torch.is_tensor(labels) else labels, pairs_per_side, seed
+        )
         source = f"balanced sample, seed {seed}"
     else:
         index_a, index_b, same = (np.asarray(p.cpu() if torch.is_tensor(p) else p) for p in pairs)
@@ -85,8 +115,11 @@ def evaluate_embeddings(embeddings, labels, out_dir=None, tb_writer=None, step: 
 
     for key in ("cmc", "fnir_at_fpir", "thresholds_at_fpir"):
         metrics[key] = identification.pop(key)
-    metrics["identification"] = {**identification, "gallery_per_identity": gallery_per_identity,
-                                  "distractor_fraction": distractor_fraction}
+    metrics["identification"] = {
+        **identification,
+        "gallery_per_identity": gallery_per_identity,
+        "distractor_fraction": distractor_fraction,
+    }
     labels_cpu = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels)
     metrics["num_images"], metrics["num_identities"] = len(labels_cpu), len(np.unique(labels_cpu))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -34,8 +34,10 @@ def validation_index(cfg: Config) -> ShardIndex | None:
         return None
     splits = load_manifest(cfg.data.shards)["splits"]
     if cfg.data.split_val not in splits:
-        raise ShardError(f"{cfg.data.shards}: no split {cfg.data.split_val!r} to evaluate on (has {', '.join(splits)}); "
-                         "set eval.every=0, or rebuild the shards with --val-identities")
+        raise ShardError(
+            f"{cfg.data.shards}: no split {cfg.data.split_val!r} to evaluate on (has {', '.join(splits)}); "
+            "set eval.every=0, or rebuild the shards with --val-identities"
+        )
     return ShardIndex(cfg.data.shards, cfg.data.split_val)
 
 
@@ -47,15 +49,23 @@ def wait_group(timeout_s: int):
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def embed_split(model: torch.nn.Module, index: ShardIndex, cfg: Config, preprocessing: dict, device, autocast,
-                should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_split(
+    model: torch.nn.Module,
+    index: ShardIndex,
+    cfg: Config,
+    preprocessing: dict,
+    device,
+    autocast,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(embeddings, labels) of the split on every rank: each embeds its block, then all are gathered. Every rank
     steps as many batches as the largest block needs, so the stop checks line up."""
     world, rank = distributed.world_size(), distributed.rank()
     blocks = [len(eval_samples(index, world, r, cfg.eval.max_images)) for r in range(world)]
     steps = max(math.ceil(n / cfg.eval.batch_size) for n in blocks)
-    loader = make_eval_loader(index, preprocessing, cfg.eval.batch_size, world, rank, cfg.eval.max_images,
-                              num_workers=cfg.data.num_workers)
+    loader = make_eval_loader(
+        index, preprocessing, cfg.eval.batch_size, world, rank, cfg.eval.max_images, num_workers=cfg.data.num_workers
+    )
     batches = iter(loader)
     embeddings = [torch.zeros(0, cfg.model.embedding_dim, device=device)]  # a rank may contribute zero rows
     labels = [torch.zeros(0, dtype=torch.int64, device=device)]
@@ -64,28 +74,54 @@ def embed_split(model: torch.nn.Module, index: ShardIndex, cfg: Config, preproce
             batch = next(batches, None)
             if batch is not None:
                 images, batch_labels, _ = batch
-                embeddings.append(embed_batch(model, images.to(device), preprocessing.get("flip", False), normalize=False))
+                embeddings.append(
+                    embed_batch(model, images.to(device), preprocessing.get("flip", False), normalize=False)
+                )
                 labels.append(batch_labels.to(device))
             check_stop(should_stop)
     return distributed.gather_rows(torch.cat(embeddings)), distributed.gather_rows(torch.cat(labels))
 
 
-def evaluate_validation(model: torch.nn.Module, index: ShardIndex, cfg: Config, preprocessing: dict, device, autocast,
-                        step: int, tb_writer, group, should_stop: Callable[[], bool] | None = None) -> dict | None:
+def evaluate_validation(
+    model: torch.nn.Module,
+    index: ShardIndex,
+    cfg: Config,
+    preprocessing: dict,
+    device,
+    autocast,
+    step: int,
+    tb_writer,
+    group,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict | None:
     """The validation metrics for metrics.jsonl (rank 0; {} elsewhere), with `val_time_s`; None on every rank
     when a stop was requested meanwhile. TensorBoard gets everything (the projector at the last step only)."""
     started = time.perf_counter()
     try:
         embeddings, labels = embed_split(model, index, cfg, preprocessing, device, autocast, should_stop)
         projector = cfg.eval.projector_points if step == cfg.train.max_steps else 0
-        metrics = evaluate_embeddings(embeddings, labels, tb_writer=tb_writer, step=step, tag="val",
-                                      projector_points=projector, split_across_ranks=True, should_stop=should_stop)
+        metrics = evaluate_embeddings(
+            embeddings,
+            labels,
+            tb_writer=tb_writer,
+            step=step,
+            tag="val",
+            projector_points=projector,
+            split_across_ranks=True,
+            should_stop=should_stop,
+        )
     except EvaluationAbandoned:
         return None
     if group is not None:
         dist.barrier(group=group)  # the others wait here, under eval.timeout_s, while rank 0 finishes its share
     if metrics is None:
         return {}
-    return {"val_auc": metrics["auc"], "val_eer": metrics["eer"], "val_tar@far=1e-2": metrics["tar_at_far"]["1e-02"],
-            "val_tar@far=1e-3": metrics["tar_at_far"]["1e-03"], "val_accuracy": metrics["accuracy_kfold"]["mean"],
-            "val_rank1": metrics["cmc"]["rank1"], "val_time_s": round(time.perf_counter() - started, 3)}
+    return {
+        "val_auc": metrics["auc"],
+        "val_eer": metrics["eer"],
+        "val_tar@far=1e-2": metrics["tar_at_far"]["1e-02"],
+        "val_tar@far=1e-3": metrics["tar_at_far"]["1e-03"],
+        "val_accuracy": metrics["accuracy_kfold"]["mean"],
+        "val_rank1": metrics["cmc"]["rank1"],
+        "val_time_s": round(time.perf_counter() - started, 3),
+    }

@@ -23,14 +23,14 @@ features (noise keyed by seed and step, so any W draws the same), and an [N, D] 
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 
 from facedist import distributed
-from facedist.heads.checkpoint import RowShardedModule
 from facedist.distributed import SumOverRanks
+from facedist.heads.checkpoint import RowShardedModule
 from facedist.heads.sharded_softmax import gather_batch, generator, row_range
 
 NOISE_PURPOSE = 2  # derived_seed(seed, purpose, step): 0 = head init, 1 = class sampling
@@ -43,8 +43,16 @@ class AdaRand(RowShardedModule):
     objective of this rank's means; value is the global lambda * MSE, identical on every rank.
     """
 
-    def __init__(self, num_classes: int, embedding_dim: int, lam: float, momentum: float = 0.5, seed: int = 0,
-                 world_size: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        lam: float,
+        momentum: float = 0.5,
+        seed: int = 0,
+        world_size: int = 1,
+        rank: int = 0,
+    ):
         super().__init__()
         self.num_rows, self.rank, self.world_size = num_classes, rank, world_size
         self.row_start, self.row_stop = row_range(num_classes, world_size, rank)
@@ -67,7 +75,9 @@ class AdaRand(RowShardedModule):
         for features, labels in batches:
             local = labels.to(sums.device).long() - self.row_start
             if local.numel() and (local.min() < 0 or local.max() >= rows):
-                raise ValueError(f"AdaRand init: labels outside this rank's classes [{self.row_start}, {self.row_stop})")
+                raise ValueError(
+                    f"AdaRand init: labels outside this rank's classes [{self.row_start}, {self.row_stop})"
+                )
             features = features.to(sums)
             sums.index_add_(0, local, features)
             squares.index_add_(0, local, features * features)
@@ -85,8 +95,9 @@ class AdaRand(RowShardedModule):
         x, y, own = gather_batch(features.detach().float(), labels.long(), 1.0)
         return self.global_loss(features, x, y, own, step)
 
-    def global_loss(self, features: torch.Tensor, x: torch.Tensor, y: torch.Tensor, own: slice,
-                    step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def global_loss(
+        self, features: torch.Tensor, x: torch.Tensor, y: torch.Tensor, own: slice, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, value): this rank's features (with gradient), the gathered global batch x [N, D] (detached)
         with labels y [N], and this rank's slice of it. Masks select the rows of this rank's classes, so
         nothing waits on the host; two all-reduces."""
@@ -108,8 +119,14 @@ class AdaRand(RowShardedModule):
         target = self.momentum * self.means.detach() + (1 - self.momentum) * sums / counts.clamp_min(1)[:, None]
         distance = torch.where(counts > 0, 1 - F.cosine_similarity(self.means, target, dim=1), 0.0)
         # one all-reduce for the unit means' sum (with its gradient), the batch class count and the logged error
-        summed = SumOverRanks.apply(torch.cat([F.normalize(self.means, dim=1).sum(0),
-                                               torch.stack([(counts > 0).sum().float(), squared_error.detach().sum()])]))
+        summed = SumOverRanks.apply(
+            torch.cat(
+                [
+                    F.normalize(self.means, dim=1).sum(0),
+                    torch.stack([(counts > 0).sum().float(), squared_error.detach().sum()]),
+                ]
+            )
+        )
         total, num_present, error_sum = summed[:dim], summed[dim], summed[dim + 1]
         intra = distance.sum() / num_present.clamp_min(1)
         classes = self.num_rows

@@ -54,13 +54,17 @@ class RowShardedModule(nn.Module):
         try:
             self.load_state_dict(module_state)
         except RuntimeError as err:  # e.g. another embedding dimension
-            raise CheckpointError(f"checkpoint: {folder} does not fit this head: {str(err).splitlines()[-1].strip()}")
+            raise CheckpointError(
+                f"checkpoint: {folder} does not fit this head: {str(err).splitlines()[-1].strip()}"
+            ) from None
         if optimizer is None:
             return
         meta = files[0][1]
         if meta.get("optimizer") != type(optimizer).__name__:
-            raise CheckpointError(f"checkpoint: {folder} holds {meta.get('optimizer')} state for the head, "
-                                  f"the run uses {type(optimizer).__name__}")
+            raise CheckpointError(
+                f"checkpoint: {folder} holds {meta.get('optimizer')} state for the head, "
+                f"the run uses {type(optimizer).__name__}"
+            )
         state = {k.removeprefix(_OPTIMIZER): v for k, v in tensors.items() if k.startswith(_OPTIMIZER)}
         group = {**{k: v for k, v in optimizer.param_groups[0].items() if k != "params"}, **meta["param_group"]}
         optimizer.load_state_dict({"state": {0: state} if state else {}, "param_groups": [{**group, "params": [0]}]})
@@ -91,12 +95,14 @@ def _read_layout(folder: Path, num_rows: int) -> list[tuple[Path, dict]]:
         raise CheckpointError(f"checkpoint: no head row files ({FILE_PATTERN.format(rank=0)}, ...) in {folder}")
     files.sort(key=lambda item: item[1]["row_start"])
     if files[0][1]["num_rows"] != num_rows:
-        raise CheckpointError(f"checkpoint: {folder} holds a head of {files[0][1]['num_rows']} classes, "
-                              f"the run has {num_rows}")
+        raise CheckpointError(
+            f"checkpoint: {folder} holds a head of {files[0][1]['num_rows']} classes, the run has {num_rows}"
+        )
     stops = [0] + [meta["row_stop"] for _, meta in files]
     if [meta["row_start"] for _, meta in files] != stops[:-1] or stops[-1] != num_rows:
-        raise CheckpointError(f"checkpoint: the row ranges in {folder} do not cover 0..{num_rows} exactly "
-                              "(a rank's file is missing)")
+        raise CheckpointError(
+            f"checkpoint: the row ranges in {folder} do not cover 0..{num_rows} exactly (a rank's file is missing)"
+        )
     return files
 
 
@@ -111,9 +117,9 @@ def _read_rows(files: list[tuple[Path, dict]], start: int, stop: int) -> dict[st
             continue
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
-                kind, name = key[: key.index(".") + 1], key[key.index(".") + 1:]
+                kind, name = key[: key.index(".") + 1], key[key.index(".") + 1 :]
                 if kind == _REPLICATED:
                     replicated.setdefault(name, f.get_tensor(key))
                 else:
-                    parts.setdefault(name, []).append(f.get_slice(key)[lo - offset: hi - offset])
+                    parts.setdefault(name, []).append(f.get_slice(key)[lo - offset : hi - offset])
     return {**{name: torch.cat(chunks) for name, chunks in parts.items()}, **replicated}

@@ -21,7 +21,7 @@ target class and knows nothing else about them.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -105,8 +105,10 @@ def build_margin(cfg: LossConfig) -> Margin:
         return lambda cos, step: combined(cos, cfg.m1, cfg.m2, cfg.m3, cfg.easy_margin)
     if cfg.head == "sphereface":
         if cfg.margin < 1 or cfg.margin != int(cfg.margin):
-            raise ConfigError(f"loss.margin={cfg.margin}: sphereface needs an integer multiplicative margin m >= 1 "
-                              "(the paper uses loss.margin=4)")
+            raise ConfigError(
+                f"loss.margin={cfg.margin}: sphereface needs an integer multiplicative margin m >= 1 "
+                "(the paper uses loss.margin=4)"
+            )
         m = int(cfg.margin)
         return lambda cos, step: sphereface(cos, m, step)
     if cfg.head in ("adacos", "adacos_fixed"):

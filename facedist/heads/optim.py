@@ -12,11 +12,11 @@ ScheduleFree + sampling is refused at start.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from facedist.config import ConfigError, Config
+from facedist.config import Config, ConfigError
 from facedist.optim import build_optimizer, lr_schedule
 
 
@@ -24,8 +24,13 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
     """Updates only the rows `touched_rows()` returns (None: all rows) of [rows, D] tensors, their per-row
     state with them; the learning rate is lr * schedule(number of optimizer steps), so no scheduler is needed."""
 
-    def __init__(self, params, defaults: dict, schedule: Callable[[int], float] | None,
-                 touched_rows: Callable[[], torch.Tensor | None]):
+    def __init__(
+        self,
+        params,
+        defaults: dict,
+        schedule: Callable[[int], float] | None,
+        touched_rows: Callable[[], torch.Tensor | None],
+    ):
         super().__init__(params, {**defaults, "steps_taken": 0})
         self.schedule, self.touched_rows = schedule or (lambda step: 1.0), touched_rows
 
@@ -67,15 +72,26 @@ class RowSparseAdamW(_RowSparseOptimizer):
     bias correction). With every row touched it is torch.optim.AdamW (same formula, same order of operations).
     """
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 schedule: Callable[[int], float] | None = None,
-                 touched_rows: Callable[[], torch.Tensor | None] = lambda: None):
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay},
-                         schedule, touched_rows)
+    def __init__(
+        self,
+        params,
+        lr: float,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        schedule: Callable[[int], float] | None = None,
+        touched_rows: Callable[[], torch.Tensor | None] = lambda: None,
+    ):
+        super().__init__(
+            params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}, schedule, touched_rows
+        )
 
     def _new_state(self, p):
-        return {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
-                "row_steps": torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)}
+        return {
+            "exp_avg": torch.zeros_like(p),
+            "exp_avg_sq": torch.zeros_like(p),
+            "row_steps": torch.zeros(p.shape[0], dtype=torch.float32, device=p.device),
+        }
 
     def _update(self, weight, grad, state, lr, group):
         state["row_steps"] += 1
@@ -90,11 +106,22 @@ class RowSparseSGD(_RowSparseOptimizer):
     buffer g exactly). With every row touched it is torch.optim.SGD (same formula, same order of operations).
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False,
-                 schedule: Callable[[int], float] | None = None,
-                 touched_rows: Callable[[], torch.Tensor | None] = lambda: None):
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov},
-                         schedule, touched_rows)
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        schedule: Callable[[int], float] | None = None,
+        touched_rows: Callable[[], torch.Tensor | None] = lambda: None,
+    ):
+        super().__init__(
+            params,
+            {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov},
+            schedule,
+            touched_rows,
+        )
 
     def _new_state(self, p):
         return {"momentum_buffer": torch.zeros_like(p)}
@@ -126,18 +153,29 @@ def build_head_optimizer(params, cfg: Config, touched_rows: Callable[[], torch.T
     when the head samples classes (loss.sample_rate < 1; refused with ScheduleFree); None: all rows."""
     lr_scale = cfg.loss.head_lr_scale
     if cfg.optim.name == "adamw_cosine":
-        return RowSparseAdamW(params, lr=cfg.optim.lr * lr_scale, betas=cfg.optim.betas,
-                              weight_decay=cfg.optim.weight_decay,
-                              schedule=lr_schedule(cfg.optim, cfg.train.max_steps),
-                              touched_rows=touched_rows or (lambda: None))
+        return RowSparseAdamW(
+            params,
+            lr=cfg.optim.lr * lr_scale,
+            betas=cfg.optim.betas,
+            weight_decay=cfg.optim.weight_decay,
+            schedule=lr_schedule(cfg.optim, cfg.train.max_steps),
+            touched_rows=touched_rows or (lambda: None),
+        )
     if cfg.optim.name == "sgd":
-        return RowSparseSGD(params, lr=cfg.optim.lr * lr_scale, momentum=cfg.optim.momentum,
-                            weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov,
-                            schedule=lr_schedule(cfg.optim, cfg.train.max_steps),
-                            touched_rows=touched_rows or (lambda: None))
+        return RowSparseSGD(
+            params,
+            lr=cfg.optim.lr * lr_scale,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
+            nesterov=cfg.optim.nesterov,
+            schedule=lr_schedule(cfg.optim, cfg.train.max_steps),
+            touched_rows=touched_rows or (lambda: None),
+        )
     if touched_rows is not None and cfg.loss.sample_rate < 1:
-        raise ConfigError(f"loss.sample_rate={cfg.loss.sample_rate} with optim.name={cfg.optim.name}: ScheduleFree "
-                          "moves every class centre each step (its averaging acts at zero gradient), so unsampled "
-                          "rows would drift; use optim.name=sgd or adamw_cosine, or loss.sample_rate=1")
+        raise ConfigError(
+            f"loss.sample_rate={cfg.loss.sample_rate} with optim.name={cfg.optim.name}: ScheduleFree "
+            "moves every class centre each step (its averaging acts at zero gradient), so unsampled "
+            "rows would drift; use optim.name=sgd or adamw_cosine, or loss.sample_rate=1"
+        )
     optimizer, _ = build_optimizer(params, cfg.optim, cfg.train.max_steps, lr_scale=lr_scale)
     return optimizer

@@ -26,6 +26,7 @@ Without a process group (or W = 1) it is the plain full softmax. Master weights 
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,7 @@ def init_rows(start: int, stop: int, dim: int, seed: int, purpose: int) -> torch
     for chunk in range(start // _INIT_CHUNK, -(-stop // _INIT_CHUNK)):
         block = torch.randn(_INIT_CHUNK, dim, generator=generator(torch.device("cpu"), seed, purpose, chunk))
         lo, hi = max(start, chunk * _INIT_CHUNK), min(stop, (chunk + 1) * _INIT_CHUNK)
-        rows[lo - start: hi - start] = block[lo - chunk * _INIT_CHUNK: hi - chunk * _INIT_CHUNK]
+        rows[lo - start : hi - start] = block[lo - chunk * _INIT_CHUNK : hi - chunk * _INIT_CHUNK]
     return rows.mul_(INIT_STD)
 
 
@@ -74,7 +75,7 @@ class GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = distributed.all_reduce(grad.contiguous().clone(), "sum")
-        return grad[ctx.start:ctx.stop] * ctx.grad_scale, None, None, None
+        return grad[ctx.start : ctx.stop] * ctx.grad_scale, None, None, None
 
 
 def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, grad_scale: float):
@@ -87,7 +88,9 @@ def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, grad_scale: flo
     return GatherRows.apply(embeddings, own.start, own.stop, grad_scale), distributed.gather_rows(labels), own
 
 
-def sampled_class_mask(labels: torch.Tensor, num_classes: int, sample_rate: float, seed: int, step: int) -> torch.Tensor:
+def sampled_class_mask(
+    labels: torch.Tensor, num_classes: int, sample_rate: float, seed: int, step: int
+) -> torch.Tensor:
     """Bool [C]: every class in `labels` plus random others, max(batch classes, ceil(rate * C)) in all,
     chosen on the device without a host read (a fixed-size top-k, then a mask of its first `count`)."""
     device = labels.device
@@ -117,9 +120,19 @@ class ShardedMarginHead(RowShardedModule):
     holds the local rows that entered the softmax (None: all), for the row-sparse optimizer.
     """
 
-    def __init__(self, num_classes: int, embedding_dim: int, margin: margins.Margin, scale: float | None,
-                 adacos_dynamic: bool = False, sample_rate: float = 1.0, seed: int = 0,
-                 world_size: int = 1, rank: int = 0, matmul_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        margin: margins.Margin,
+        scale: float | None,
+        adacos_dynamic: bool = False,
+        sample_rate: float = 1.0,
+        seed: int = 0,
+        world_size: int = 1,
+        rank: int = 0,
+        matmul_dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         if num_classes < max(2, world_size):
             raise ValueError(f"a sharded softmax head needs at least max(2, W={world_size}) classes, got {num_classes}")
@@ -166,8 +179,12 @@ class ShardedMarginHead(RowShardedModule):
         # targets this rank owns (a mask, not an index list): cosine recomputed in fp32, margin applied here
         owned = (y >= start) & (y < stop)
         target_row = (y - start).clamp(0, stop - start - 1)
-        target_col = target_row if kept is None else torch.searchsorted(kept, target_row).clamp(max=max(len(kept) - 1, 0))
-        target_cos = (x * self.weight[target_row]).sum(1) * self.weight[target_row].norm(dim=1).clamp_min(1e-12).reciprocal()
+        target_col = (
+            target_row if kept is None else torch.searchsorted(kept, target_row).clamp(max=max(len(kept) - 1, 0))
+        )
+        target_cos = (x * self.weight[target_row]).sum(1) * self.weight[target_row].norm(dim=1).clamp_min(
+            1e-12
+        ).reciprocal()
         is_target = owned[:, None] & (torch.arange(cos.shape[1], device=y.device) == target_col[:, None])
 
         if self.adacos_dynamic:
@@ -179,8 +196,9 @@ class ShardedMarginHead(RowShardedModule):
         # global softmax cross-entropy: log sum_j exp(l_j) - l_target, summed over the ranks' columns
         local_max = logits.detach().amax(1) if logits.shape[1] else logits.new_full((logits.shape[0],), -math.inf)
         row_max = distributed.all_reduce(local_max, "max")
-        exp_sum, target = SumOverRanks.apply(torch.stack([torch.exp(logits - row_max[:, None]).sum(1),
-                                                          torch.where(owned, target_logit, 0.0)]))
+        exp_sum, target = SumOverRanks.apply(
+            torch.stack([torch.exp(logits - row_max[:, None]).sum(1), torch.where(owned, target_logit, 0.0)])
+        )
         loss = (torch.log(exp_sum) + row_max - target).mean()
         return loss, loss.detach()
 
@@ -189,19 +207,34 @@ class ShardedMarginHead(RowShardedModule):
         """AdaCos' dynamic s from global statistics. With sampling, each sample saw num_kept - 1 of its C - 1
         negatives: their exp-sum is scaled up by (C - 1) / (num_kept - 1)."""
         negatives = torch.where(is_target, 0.0, torch.exp(self.scale * cos))
-        exp_sum, target = distributed.all_reduce(torch.stack([negatives.sum(1), torch.where(owned, target_cos, 0.0)]),
-                                                 "sum")
+        exp_sum, target = distributed.all_reduce(
+            torch.stack([negatives.sum(1), torch.where(owned, target_cos, 0.0)]), "sum"
+        )
         mean_exp_sum = exp_sum.mean() * (self.num_classes - 1) / max(num_kept - 1, 1)
         median_angle = torch.median(torch.acos(target.clamp(-1.0, 1.0)))
         self.scale.copy_(margins.adacos_dynamic_scale(mean_exp_sum, median_angle))
 
 
-def build_margin_head(loss_cfg, num_classes: int, embedding_dim: int, world_size: int, rank: int, seed: int,
-                      matmul_dtype: torch.dtype = torch.float32) -> ShardedMarginHead:
+def build_margin_head(
+    loss_cfg,
+    num_classes: int,
+    embedding_dim: int,
+    world_size: int,
+    rank: int,
+    seed: int,
+    matmul_dtype: torch.dtype = torch.float32,
+) -> ShardedMarginHead:
     """The ShardedMarginHead of `loss_cfg.head` (arcface, cosface, sphereface, combined, adacos[_fixed])."""
     adacos = loss_cfg.head in ("adacos", "adacos_fixed")
-    return ShardedMarginHead(num_classes, embedding_dim, margins.build_margin(loss_cfg),
-                             scale=None if adacos else loss_cfg.scale, adacos_dynamic=loss_cfg.head == "adacos",
-                             sample_rate=loss_cfg.sample_rate, seed=seed, world_size=world_size, rank=rank,
-                             matmul_dtype=matmul_dtype)
-
+    return ShardedMarginHead(
+        num_classes,
+        embedding_dim,
+        margins.build_margin(loss_cfg),
+        scale=None if adacos else loss_cfg.scale,
+        adacos_dynamic=loss_cfg.head == "adacos",
+        sample_rate=loss_cfg.sample_rate,
+        seed=seed,
+        world_size=world_size,
+        rank=rank,
+        matmul_dtype=matmul_dtype,
+    )

@@ -61,7 +61,7 @@ def insightface(out: Path) -> dict:
             data = with_magic(data, offset)
         packed = mx.recordio.pack(header, data)
         if key == 7:
-            positions = [i for i in range(0, len(packed) - 3, 4) if packed[i:i + 4] == MAGIC]
+            positions = [i for i in range(0, len(packed) - 3, 4) if packed[i : i + 4] == MAGIC]
             assert len(positions) == 2, positions
         rec.write_idx(key, packed)
         expected[key] = {"class": c, "sha256": hashlib.sha256(data).hexdigest()}
