@@ -194,9 +194,10 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     if getattr(backbone, "gives_embedding", False):
         _load_strict(backbone, state, target, path)
         return
+    notes = []  # said only once the weights have loaded: a refused file ignores nothing
     dropped = [k for k in state if k not in target and k.startswith(_CLASSIFIER_PREFIXES)]
     if dropped:
-        log.warning("model.pretrained: ignoring the file's classifier (%s)", ", ".join(dropped))
+        notes.append(f"ignoring the file's classifier ({', '.join(dropped)})")
         state = {k: v for k, v in state.items() if k not in dropped}
     if set(state) <= set(target):
         mapped = state
@@ -204,7 +205,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         src = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
         dst = [k for k in target if not k.endswith("num_batches_tracked")]
         if len(src) > len(dst):  # trailing classifier under another name
-            log.warning("model.pretrained: ignoring %d trailing tensors (classifier)", len(src) - len(dst))
+            notes.append(f"ignoring {len(src) - len(dst)} trailing tensors (classifier)")
             src = src[: len(dst)]
         if len(src) != len(dst) or any(v.shape != target[k].shape for (_, v), k in zip(src, dst)):
             unknown = sorted(set(state) - set(target))[:3]
@@ -220,6 +221,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing:
         raise ValueError(f"model.pretrained: {path} lacks backbone weights, e.g. {missing[:3]}")
+    for note in notes:
+        log.warning("model.pretrained: %s", note)
 
 
 def _load_strict(backbone: nn.Module, state: dict, target: dict, path: Path) -> None:

@@ -55,12 +55,13 @@ def test_weights_packaged_under_other_names_are_matched_by_order(tmp_path):
         (lambda p: torch.save([1, 2], p), "does not hold a state dict"),
     ],
 )
-def test_weights_that_do_not_fit_are_one_clear_error(tmp_path, make, message):
+def test_weights_that_do_not_fit_are_one_clear_error(tmp_path, caplog, make, message):
     path = tmp_path / "w.pt"
     make(path)
-    with pytest.raises(ValueError, match=message) as err:
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match=message) as err:
         load_backbone_weights(_backbone(num_classes=0), path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert "ignoring" not in caplog.text  # a refused file ignores nothing (resnet18: not "30 trailing tensors")
     with pytest.raises(FileNotFoundError, match="model.pretrained: weights file not found"):
         load_backbone_weights(_backbone(num_classes=0), tmp_path / "missing.pt")
 
