@@ -1,4 +1,4 @@
-"""launch/relight_orl.py: deterministic relit copies of ORL-style folders, lit from the side."""
+"""The recipe search's relight_orl.py: deterministic relit copies of ORL-style folders, lit from the side."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "relight_orl.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "experiments" / "finetune_recipe" / "relight_orl.py"
 
 
 def _orl(root: Path) -> Path:

@@ -1,8 +1,8 @@
 """Relit ORL: each ORL face re-photographed, offline, under one point light from varying angles.
 
-    python launch/relight_orl.py ../shared/data/orl_faces OUT [--variants 6] [--seed 0]
-    python launch/relight_orl.py ../shared/data/orl_faces OUT --azimuth 110 --elevation -35 70 --ambient 0 0.06
-                                                    # harsher, nearer a set taken under 64 point lights
+    python launch/experiments/finetune_recipe/relight_orl.py ../shared/data/orl_faces OUT [--variants 6] [--seed 0]
+    python launch/experiments/finetune_recipe/relight_orl.py ../shared/data/orl_faces OUT \
+        --azimuth 110 --elevation -35 70 --ambient 0 0.06   # harsher, nearer a set taken under 64 point lights
 
 Deterministic: the light of image (identity, photo, variant) is drawn from a generator seeded by
 (seed, identity, photo, variant), so the same arguments write the same bytes. Per output image:

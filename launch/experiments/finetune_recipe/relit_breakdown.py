@@ -1,10 +1,10 @@
 """Where a relit-ORL test fails: the genuine pairs of one ORL photo under two lights, and those of two photos.
 
-    python launch/relit_breakdown.py E.npz          # facedist-embed output of a relit-ORL test folder
+    python launch/experiments/finetune_recipe/relit_breakdown.py E.npz   # facedist-embed output, relit test set
 
-Relit ORL names its images sNN/PP_V.png (launch/relight_orl.py: photo PP under light V). A genuine pair of the
-same photo differs only in lighting, as every pair of a person in a set photographed under many lights; a
-pair of two photos also differs in pose, expression and glasses. Each group of genuine pairs is scored
+Relit ORL names its images sNN/PP_V.png (relight_orl.py, next to this script: photo PP under light V). A genuine
+pair of the same photo differs only in lighting, as every pair of a person in a set photographed under many
+lights; a pair of two photos also differs in pose, expression and glasses. Each group of genuine pairs is scored
 against all impostor pairs: ROC AUC, TAR at the threshold where FAR = 1e-2 (sklearn's ROC). One JSON line.
 """
 

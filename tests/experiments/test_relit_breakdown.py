@@ -1,4 +1,5 @@
-"""launch/relit_breakdown.py: relit-ORL genuine pairs split into one photo under two lights and two photos."""
+"""The recipe search's relit_breakdown.py: relit-ORL genuine pairs split into one photo under two lights and two
+photos."""
 
 import importlib.util
 import json
@@ -7,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "relit_breakdown.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "experiments" / "finetune_recipe" / "relit_breakdown.py"
 spec = importlib.util.spec_from_file_location("relit_breakdown", SCRIPT)
 relit_breakdown = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(relit_breakdown)

@@ -1,11 +1,12 @@
-"""launch/recipes_table.py: mean ± spread rows and the acceptance verdicts under both readings of "spread"."""
+"""The recipe search's recipes_table.py: mean ± spread rows and the acceptance verdicts under both readings of
+"spread"."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "recipes_table.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "experiments" / "finetune_recipe" / "recipes_table.py"
 
 
 def _runs(out: Path, split: str, name: str, aucs: list[float], tars: list[float]) -> None:

@@ -2,12 +2,12 @@
 # Loss and optimizer comparison on the synthetic identities, same budget for every run: the demo's model,
 # data, global batch (2 processes x 16 identities x 4 images) and steps; only the loss or optimizer differs.
 # Each run is then scored by facedist-eval on the test identities (never trained on, never used to
-# choose anything) and a markdown table is printed (README, "Losses compared").
-#   bash launch/compare_losses.sh [key=value ...]     extra overrides apply to every run
+# choose anything) and a markdown table is printed (this folder's README).
+#   bash launch/experiments/loss_comparison/compare_losses.sh [key=value ...]     extra overrides apply to every run
 # Environment: NPROC (default 2), SHARDS (default shards/synth, made like launch/demo.sh when missing),
 # OUT (default runs/compare), ONLY (space-separated run names to (re)run; the table covers all present).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../../.."  # the repository root
 bin=.venv/bin; [[ -x $bin/python ]] || bin=$(dirname "$(command -v python3)")
 shards=${SHARDS:-shards/synth} nproc=${NPROC:-2} out=${OUT:-runs/compare}
 

@@ -1,7 +1,7 @@
-"""The README tables of launch/compare_recipes.sh: per run and split, mean and spread over seeds, then the
-acceptance check of the recipe against the seeds' two recipes.
+"""The tables of compare_recipes.sh (this folder's README): per run and split, mean and spread over seeds, then
+the acceptance check of the recipe against the seeds' two recipes.
 
-    python launch/recipes_table.py OUT NAME WHAT [NAME WHAT ...]
+    python launch/experiments/finetune_recipe/recipes_table.py OUT NAME WHAT [NAME WHAT ...]
 
 Reads OUT/SPLIT/NAME/seedS/test.json (facedist.evaluation.protocol); a run that also has test_noflip.json
 (the same weights embedded without flip test-time augmentation) gets a row for that too, before its own.

