@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_model import TINY_MODEL_OVERRIDES
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "facedist" / "train.py")
 TINY = [
-    "model.backbone=resnet10t",
-    "model.embedding_dim=16",
-    "model.image_size=32",
+    *TINY_MODEL_OVERRIDES,
     "data.num_workers=0",
     "train.log_every=1",
     "eval.every=0",
@@ -392,9 +391,7 @@ def test_faces_finetune_recipe_trains_and_its_checkpoint_embeds_with_flip(shards
             "--config",
             str(REPO / "configs" / "faces_finetune.yaml"),
             f"data.shards={shards}",
-            "model.backbone=resnet10t",
-            "model.embedding_dim=16",
-            "model.image_size=32",
+            *TINY_MODEL_OVERRIDES,
             "model.channels_last=false",
             "data.num_workers=0",
             "train.max_steps=6",

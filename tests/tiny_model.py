@@ -1,4 +1,5 @@
-"""A tiny saved embedding model for the inference, export and evaluation tests."""
+"""Tiny models for tests: the config overrides that make a training run's model tiny, and a tiny saved embedding
+model for the inference, export and evaluation tests."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from facedist.config import Config, ModelConfig
 from facedist.model import build_model, preprocessing
 
 TINY_BACKBONE = "mobilenetv3_small_050"
+# The model of every training run in the tests: timm's resnet10t, 16-d embeddings of 32 px images.
+# Import it where a list is needed at module level or in a subprocess's arguments; tests take the
+# `tiny_model_overrides` fixture (conftest.py).
+TINY_MODEL_OVERRIDES = ("model.backbone=resnet10t", "model.embedding_dim=16", "model.image_size=32")
 
 
 def save_tiny_model(
