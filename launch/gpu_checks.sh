@@ -33,7 +33,7 @@ overrides=("data.shards=$shards" "model.backbone=$backbone" "model.image_size=$s
 
 # 1. mixed precision end to end: finite losses, fp32 weights, the fp16 loss scaler at work
 for precision in bf16 fp16; do
-  $py facedist/train.py --config configs/seed_2000.yaml "${overrides[@]}" "train.mixed_precision=$precision" "output_dir=$out/train_$precision" \
+  $py facedist/train.py --config configs/effnetv2b0_triplet_2000ids.yaml "${overrides[@]}" "train.mixed_precision=$precision" "output_dir=$out/train_$precision" \
     > "$out/train_$precision.log" 2>&1 || { echo "train $precision FAILED (see $out/train_$precision.log)"; }
   tail -n 2 "$out/train_$precision/metrics.jsonl" 2>/dev/null || true
 done
@@ -43,7 +43,7 @@ for variant in "train.mixed_precision=bf16" "train.mixed_precision=bf16 model.ch
                "train.mixed_precision=bf16 model.channels_last=true model.compile=true" "train.mixed_precision=no"; do
   name=$(echo "$variant" | sed 's/[ =.]/_/g')
   # shellcheck disable=SC2086  # the variant's overrides are words
-  $py -m facedist.bench train --config configs/seed_2000.yaml --steps "$bench_steps" --folder "$out/faces" \
+  $py -m facedist.bench train --config configs/effnetv2b0_triplet_2000ids.yaml --steps "$bench_steps" --folder "$out/faces" \
     --out "$out/bench_train_$name.json" "${overrides[@]}" $variant > "$out/bench_train_$name.log" 2>&1 \
     || echo "bench train $variant FAILED"
 done
@@ -52,12 +52,12 @@ done
 # the training step at 112 px in bf16, end to end (data.decode=gpu) against model only (goal >= 0.9)
 for px in 112 224; do
   for decode in cpu gpu; do
-    $py -m facedist.bench data --config configs/seed_2000.yaml --shards "$shards" --image-size "$px" --device cuda \
+    $py -m facedist.bench data --config configs/effnetv2b0_triplet_2000ids.yaml --shards "$shards" --image-size "$px" --device cuda \
       --out "$out/bench_data_${px}_$decode.json" "data.decode=$decode" > "$out/bench_data_${px}_$decode.log" 2>&1 \
       || echo "bench data $px $decode FAILED"
   done
 done
-$py -m facedist.bench train --config configs/seed_2000.yaml --steps "$bench_steps" --folder "$out/faces" \
+$py -m facedist.bench train --config configs/effnetv2b0_triplet_2000ids.yaml --steps "$bench_steps" --folder "$out/faces" \
   --out "$out/bench_train_112_bf16_gpu_decode.json" "${overrides[@]}" model.image_size=112 train.mixed_precision=bf16 \
   data.decode=gpu > "$out/bench_train_112_bf16_gpu_decode.log" 2>&1 || echo "bench train 112 bf16 gpu decode FAILED"
 
@@ -76,7 +76,7 @@ $py -m facedist.bench loss --batch 1024,4096 --pml --out "$out/bench_loss.json" 
   || echo "bench loss FAILED"
 
 # 5. what a training step waits on, on the GPU: counted syncs/collectives per step, and CUDA's sync warnings
-$py tests/count_syncs.py "$out/count_syncs" --config configs/seed_2000.yaml "${overrides[@]}" train.max_steps=6 train.log_every=3 \
+$py tests/count_syncs.py "$out/count_syncs" --config configs/effnetv2b0_triplet_2000ids.yaml "${overrides[@]}" train.max_steps=6 train.log_every=3 \
   train.mixed_precision=bf16 -- head_and_triplet loss.head=arcface "output_dir=$out/count_head_triplet" \
   -- triplet "output_dir=$out/count_triplet" -- head loss.pair=none loss.head=arcface "output_dir=$out/count_head" \
   > "$out/count_syncs.log" 2>&1 || echo "count syncs FAILED"

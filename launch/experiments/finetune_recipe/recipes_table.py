@@ -1,12 +1,13 @@
 """The tables of compare_recipes.sh (this folder's README): per run and split, mean and spread over seeds, then
-the acceptance check of the recipe against the seeds' two recipes.
+the acceptance check of the recipe against its two baselines, the article's recipes (triplet loss with
+RAdamScheduleFree, and with AdamW + cosine).
 
     python launch/experiments/finetune_recipe/recipes_table.py OUT NAME WHAT [NAME WHAT ...]
 
 Reads OUT/SPLIT/NAME/seedS/test.json (facedist.evaluation.protocol); a run that also has test_noflip.json
 (the same weights embedded without flip test-time augmentation) gets a row for that too, before its own.
 Spread = max - min over the seeds. Acceptance, per split and metric (AUC, TAR@FAR=1e-2): the recipe's mean
-minus each seed recipe's mean, against 3 x the larger of the two spreads, and against 3 x the larger of the
+minus each baseline's mean, against 3 x the larger of the two spreads, and against 3 x the larger of the
 two standard deviations over seeds (the other reading of "seed-to-seed spread"; for 3 seeds max - min is
 about 1.7 standard deviations).
 """
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 METRICS = (("auc", "test AUC"), ("tar@far=1e-2", "TAR@FAR=1e-2"), ("rank1", "rank-1"))
-SEED_RECIPES, RECIPE = ("seed_radam_sf", "seed_adamw_cosine"), "recipe"
+BASELINES, RECIPE = ("triplet_radam_sf", "triplet_adamw_cosine"), "recipe"
 
 
 def cell(values: list[float]) -> str:
@@ -41,13 +42,13 @@ def acceptance(out: Path, splits: list[str]) -> list[str]:
     lines = []
     for split in splits:
         recipe = reports(out, split, RECIPE)
-        for seed_name in SEED_RECIPES:
-            seed = reports(out, split, seed_name)
-            if len(recipe) < 2 or len(seed) < 2:
+        for baseline_name in BASELINES:
+            baseline = reports(out, split, baseline_name)
+            if len(recipe) < 2 or len(baseline) < 2:
                 continue
             parts = []
             for key in ("auc", "tar@far=1e-2"):
-                a, b = [r[key] for r in recipe], [r[key] for r in seed]
+                a, b = [r[key] for r in recipe], [r[key] for r in baseline]
                 gain = sum(a) / len(a) - sum(b) / len(b)
                 spread = 3 * max(max(a) - min(a), max(b) - min(b))
                 std = 3 * max(statistics.stdev(a), statistics.stdev(b))
@@ -56,7 +57,8 @@ def acceptance(out: Path, splits: list[str]) -> list[str]:
                     f"vs 3 x std {std:.3f}: {verdict(gain, std)}"
                 )
             lines.append(
-                f"- split {split}, recipe ({len(recipe)} seeds) vs {seed_name} ({len(seed)} seeds): " + "; ".join(parts)
+                f"- split {split}, recipe ({len(recipe)} seeds) vs {baseline_name} ({len(baseline)} seeds): "
+                + "; ".join(parts)
             )
     return lines
 
