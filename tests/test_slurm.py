@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_model import TINY_MODEL_OVERRIDES
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 20
 # The demo config, made tiny: 2 processes x P=4 identities x M=2 images per step
 OVERRIDES = [
-    "model.backbone=resnet10t",
-    "model.embedding_dim=16",
-    "model.image_size=32",
+    *TINY_MODEL_OVERRIDES,
     "data.num_workers=1",
     "data.classes_per_batch=4",
     "data.images_per_class=2",

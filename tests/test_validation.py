@@ -5,6 +5,7 @@ import contextlib
 import pytest
 import torch
 from dist_utils import run_distributed
+from tiny_model import TINY_MODEL_OVERRIDES
 
 from facedist.config import load_config
 from facedist.data.index import ShardIndex
@@ -13,9 +14,7 @@ from facedist.evaluation.validation import embed_split, validation_index
 from facedist.model import build_model, preprocessing
 
 OVERRIDES = [
-    "model.backbone=resnet10t",
-    "model.embedding_dim=8",
-    "model.image_size=32",
+    *TINY_MODEL_OVERRIDES,
     "eval.max_images=2",
     "eval.batch_size=1",
     "data.num_workers=0",
@@ -36,7 +35,7 @@ def _embed(rank, world_size, shards):
 def test_a_rank_without_validation_images_contributes_zero_rows(synth_shards):
     """2 images on 3 ranks: rank 2 has none, and every rank still gets both, as on one process."""
     expected, expected_labels = _embed(0, 1, str(synth_shards))
-    assert expected.shape == (2, 8)
+    assert expected.shape == (2, 16)
     for embeddings, labels in run_distributed(_embed, 3, str(synth_shards)):
         torch.testing.assert_close(embeddings, expected)
         assert torch.equal(labels, expected_labels)

@@ -22,13 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_model import TINY_MODEL_OVERRIDES
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 16  # RAdam leaves the weights alone for 5 steps; x and y part only after them
 COMMON = [
-    "model.backbone=resnet10t",
-    "model.embedding_dim=16",
-    "model.image_size=32",
+    *TINY_MODEL_OVERRIDES,
     "data.num_workers=0",
     "model.bn=batch",
     "data.classes_per_batch=2",
