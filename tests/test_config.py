@@ -1,8 +1,10 @@
+import dataclasses
+import inspect
 from pathlib import Path
 
 import pytest
 
-from facedist.config import Config, ConfigError, config_from_dict, load_config
+from facedist.config import Config, ConfigError, LossConfig, OptimConfig, config_from_dict, load_config
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -49,6 +51,16 @@ def test_round_trip_through_dict():
         ("model.neck=flatten", "model.neck: 'flatten' is not one of pool, gdc"),
         ("model.input_scale=0.5", "model.input_scale: must be in [1, 4]"),
         ("optim.lr", "key=value"),
+        ("loss.scale=0", "loss.scale: must be > 0, got 0.0"),
+        ("loss.head_lr_scale=0", "loss.head_lr_scale: must be > 0"),
+        ("loss.pair_weight=-1", "loss.pair_weight: must be >= 0"),
+        ("loss.adarand_lambda=-0.5", "loss.adarand_lambda: must be >= 0"),
+        ("optim.betas=[0.9, 1.0]", "optim.betas: must be each in [0, 1), got [0.9, 1.0]"),
+        ("optim.momentum=1", "optim.momentum: must be in [0, 1)"),
+        ("train.seed=-1", "train.seed: must be >= 0"),
+        ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps: must be > 0"),
+        ("eval.max_images=-1", "eval.max_images: must be >= 0"),
+        ("eval.bn_recal_batches=-1", "eval.bn_recal_batches: must be >= 0"),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_key(override, fragment):
@@ -61,10 +73,6 @@ def test_bad_values_fail_with_one_line_naming_the_key(override, fragment):
 def test_bad_yaml_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  backbone: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml"):
-        load_config(bad)
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("model:\n  depth: 3\n")
     with pytest.raises(ConfigError, match="model.depth"):
@@ -171,3 +179,56 @@ def test_silently_ignored_values_are_refused(overrides, fragment):
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)  # unknown keys and out-of-range values are refused
     assert cfg.train.max_steps > 0
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("model:\n  backbone: [unclosed\n", "line 3, column 1 (while parsing a flow sequence at line 2, column 13)"),
+        ("model:\n\tbackbone: resnet18\n", "found character '\\t' that cannot start any token at line 2, column 1"),
+        ("optim:\n  lr: 1e-3: 2\n", "mapping values are not allowed here at line 2, column 11"),
+    ],
+)
+def test_a_yaml_syntax_error_names_the_file_line_and_column_in_one_line(tmp_path, text, where):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    message = str(err.value)
+    assert message.startswith(f"{bad}: not valid YAML: ") and where in message and "\n" not in message
+
+
+def test_a_bad_override_value_or_unreadable_bytes_are_one_line(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optim.betas=[0.8, 0.9"])
+    assert str(err.value).startswith("override 'optim.betas=[0.8, 0.9': the value is not valid YAML: expected ','")
+    assert "\n" not in str(err.value)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"model:\n  backbone: \xff\n")
+    with pytest.raises(ConfigError, match=r"binary.yaml: not valid YAML: .* at character 19$"):
+        load_config(binary)
+
+
+def _described(cls: type) -> list[str]:
+    """The fields of a config dataclass with no comment on their line or the line above."""
+    lines, _ = inspect.getsourcelines(cls)
+    missing = []
+    for f in dataclasses.fields(cls):
+        row = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{f.name}:"))
+        if "  # " not in lines[row] and not lines[row - 1].strip().startswith("#"):
+            missing.append(f"{cls.__name__}.{f.name}")
+        if dataclasses.is_dataclass(f.default_factory):  # a section: its own fields too
+            missing += _described(f.default_factory)
+    return missing
+
+
+def test_every_config_field_says_what_it_is():
+    assert _described(Config) == []
+
+
+def test_a_section_checks_itself():
+    with pytest.raises(ConfigError, match="loss.pair and loss.head are both 'none'"):
+        LossConfig(pair="none", head="none").validate()
+    with pytest.raises(ConfigError, match="radam_schedulefree has no warm-up"):
+        OptimConfig(warmup_steps=10).validate()
+    LossConfig().validate()
