@@ -213,16 +213,16 @@ def test_byte_identical_for_one_and_two_workers(synth_tree, tmp_path):
 KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
-    import facedist.data.shards as shards
     from facedist.data.shards import BuildOptions, build
+    from facedist.data.shards.tar import ShardWriter
 
-    add, calls = shards.ShardWriter.add, []
+    add, calls = ShardWriter.add, []
     def add_then_die(self, members):
         add(self, members)
         calls.append(1)
         if len(calls) == int(sys.argv[3]):  # mid-shard: finished shards, a temp file and .build.json left
             os.kill(os.getpid(), signal.SIGKILL)
-    shards.ShardWriter.add = add_then_die
+    ShardWriter.add = add_then_die
     build(sys.argv[1], sys.argv[2], BuildOptions(size=32, max_samples=8, val_identities="3", seed=1), progress=False)
     """
 )
@@ -336,14 +336,14 @@ def test_source_changed_during_build_is_an_error(tmp_path, monkeypatch):
     src = tmp_path / "src"
     for n in range(2):
         _write(src / f"p{n}/a.png", _image_bytes("PNG", n))
-    plan_then_edit = shards.make_plan
+    plan_then_edit = shards.builder.make_plan
 
     def edit_after_planning(*args, **kwargs):
         plan = plan_then_edit(*args, **kwargs)
         (src / "p1/a.png").write_bytes(_image_bytes("PNG", 99))
         return plan
 
-    monkeypatch.setattr(shards, "make_plan", edit_after_planning)
+    monkeypatch.setattr(shards.builder, "make_plan", edit_after_planning)
     with pytest.raises(ShardError, match="p1/a.png: changed since it was checked"):
         build(src, tmp_path / "out", BuildOptions(size=16), progress=False)
     with pytest.raises(ShardError, match="is inside SRC"):

@@ -1,8 +1,10 @@
-"""ShardIndex: random access to the images of one split of a shard folder (format: facedist/data/shards.py).
+"""ShardIndex: random access to the images of one split of a shard folder (format: facedist/data/shards/).
 
 The index is memory-mapped, so it costs no RAM up front whatever the dataset size; class c's samples
 are rows `class_offsets[c]:class_offsets[c+1]`; an image is one `os.pread` from its tar. File
-descriptors are opened lazily and reopened after a fork (DataLoader workers), never shared.
+descriptors are opened lazily and reopened after a fork (DataLoader workers), never shared. Opening an
+index stats every shard file of the split against the manifest, so a missing or truncated shard is one
+ShardError at start (trainer and `facedist-eval --shards` alike), not a worker traceback hours in.
 
 Open files: each process (trainer, every loader worker) keeps at most `max_open_shards()` shard files of
 an index open, least recently used closed first, sized from the open-file limit after raising its soft
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facedist.data.shards import INDEX_DTYPE, ShardError, load_manifest, shard_name
+from facedist.data.shards import INDEX_DTYPE, ShardError, check_shard_files, load_manifest, shard_name
 
 # A process holds up to this share of its open-file limit per index: train + val indices, sockets, pipes,
 # shared libraries and the DataLoader's queues keep well inside the rest
@@ -53,6 +55,7 @@ class ShardIndex:
         if split not in manifest["splits"]:
             raise ShardError(f"{self.root}: no split {split!r} (has {', '.join(manifest['splits'])})")
         meta = manifest["splits"][split]
+        check_shard_files(self.root, split, meta)  # a missing shard is found now, not at the first batch touching it
         self.image_size: int = manifest["image_size"]
         self.image_format: str = manifest["image_format"]
         self.class_names: list[str] = list(meta["classes"])
