@@ -30,7 +30,7 @@
 #   LAUNCH_CONFIG      accelerate config template [launch/multi_node.yaml]
 #   RESUME             --resume value of the first start [auto]; a requeued restart (SLURM_RESTART_COUNT > 0)
 #                      always resumes auto, from what this job itself last wrote
-#   NCCL_* / GLOO_SOCKET_IFNAME   passed through to the processes (network interface choice; README)
+#   NCCL_* / GLOO_SOCKET_IFNAME   passed through to the processes (network interface choice; docs/cluster.md)
 #
 #SBATCH --job-name=facedist
 #SBATCH --nodes=1

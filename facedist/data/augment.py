@@ -3,7 +3,7 @@
 Geometry (crop / scale / translation / rotation / flip) is ONE affine map from output pixels to source
 pixels, applied with OpenCV's `warpAffine` (bilinear, replicated border: no black corners; the same
 scale on both axes: the aspect ratio is kept). OpenCV because it measured 4x faster than Pillow's
-affine transform for the same bilinear warp (README, Benchmarks). The photometric part (brightness,
+affine transform for the same bilinear warp (docs/benchmarks.md). The photometric part (brightness,
 contrast, saturation, gamma, directional shading) only draws its factors here; it runs on the training
 device on the whole
 batch (facedist/data/device_augment.py). The GPU decode path turns the same matrix into an

@@ -1,6 +1,6 @@
 """Encoded shard images -> RGB uint8 arrays at the model's size, the same way in training and evaluation.
 
-Decoders chosen by measurement (README, Benchmarks; one core, 112 and 224 px): JPEG with simplejpeg
+Decoders chosen by measurement (docs/benchmarks.md; one core, 112 and 224 px): JPEG with simplejpeg
 (libjpeg-turbo, straight to RGB; faster than OpenCV and ~2x faster than Pillow at 224 px, and strict:
 a truncated or damaged file raises instead of decoding half an image), PNG / WebP with OpenCV (~1.6x
 faster than Pillow). OpenCV gives no reason when it fails, so Pillow re-decodes a failed image to say why.
