@@ -31,12 +31,14 @@ from PIL import Image
 
 import facedist  # noqa: F401  (torchvision compat before torchvision)
 from facedist.benchmarks.train import device_info
+from facedist.cli_common import DefaultsHelpFormatter
 from facedist.config import load_config
 from facedist.data import augment as aug
 from facedist.data.dataset import collate_train, make_train_loader
 from facedist.data.decode import decode_rgb, to_model_size
 from facedist.data.device_augment import DeviceAugment
 from facedist.data.index import ShardIndex
+from facedist.durable import write_bytes_atomic
 
 
 def previous_transform(augment, size: int, mean, std):
@@ -59,60 +61,66 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m facedist.bench data", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--shards", required=True)
-    parser.add_argument("--image-size", type=int, required=True)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--batches", type=int, default=8)
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m facedist.bench data", description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="training config YAML: its data and augmentation sections")
+    parser.add_argument("--shards", required=True, help="shard folder to read (its train split)")
+    parser.add_argument("--image-size", type=int, required=True, help="model input side, pixels")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the device step runs")
+    parser.add_argument("--batches", type=int, default=8, help="batches timed per path and round, after one warm-up")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions; medians reported")
     parser.add_argument("--out", help="also write the JSON here")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-    allocator_kept = keep_freed_memory()
-    cfg = load_config(
-        args.config,
-        [*args.overrides, f"data.shards={args.shards}", "data.num_workers=0", f"model.image_size={args.image_size}"],
-    )
-    device, size = torch.device(args.device), args.image_size
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.augment.rotation=10")
+    return parser
+
+
+def _previous_path(index: ShardIndex, transform, device: torch.device):
+    """The replaced pipeline as a function of one batch: Pillow decode and torchvision v2 per image."""
+
+    def previous(batch):
+        images = []
+        for sample, augment_seed in batch:
+            image = Image.open(io.BytesIO(index.read_image_bytes(sample))).convert("RGB")
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(augment_seed)
+                images.append(transform(image))
+        torch.stack(images).to(device)
+
+    return previous
+
+
+def _paths(cfg, index: ShardIndex, device: torch.device, size: int, batch_count: int) -> tuple[dict, int]:
+    """{name: (function of one batch, its batches)} for every path and stage timed, and the batch size."""
     prep = {"image_size": size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    index = ShardIndex(cfg.data.shards, cfg.data.split_train)
     loader = make_train_loader(index, cfg.data, prep, 1, 0, cfg.train.seed)
     to_model_input = DeviceAugment(loader.dataset, device)
-    items = [item for step in range(args.batches + 1) for item in loader.batch_sampler.batch(step)]
-    per_batch = len(items) // (args.batches + 1)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    batches = [items[k * per_batch : (k + 1) * per_batch] for k in range(args.batches + 1)]
+    items = [item for step in range(batch_count + 1) for item in loader.batch_sampler.batch(step)]
+    per_batch = len(items) // (batch_count + 1)
+    batches = [items[k * per_batch : (k + 1) * per_batch] for k in range(batch_count + 1)]
     dataset = loader.dataset
     encoded = {s: index.read_image_bytes(s) for s, _ in items}
     pixels = {s: to_model_size(decode_rgb(encoded[s]), size) for s, _ in items}
     draws = {item: aug.draw(item[1], cfg.data.augment, pixels[item[0]].shape[:2], size) for item in items}
     prepared = [collate_train([dataset[item] for item in b]) for b in batches]
     transform = previous_transform(cfg.data.augment, size, prep["mean"], prep["std"])
-
-    def previous(b):
-        images = []
-        for s, a in b:
-            image = Image.open(io.BytesIO(index.read_image_bytes(s))).convert("RGB")
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(a)
-                images.append(transform(image))
-        torch.stack(images).to(device)
-
-    paths = {  # name -> (function of one batch, its batches)
+    paths = {
         "new": (lambda b: to_model_input(collate_train([dataset[item] for item in b])), batches),
-        "previous": (previous, batches),
+        "previous": (_previous_path(index, transform, device), batches),
         "read": (lambda b: [index.read_image_bytes(s) for s, _ in b], batches),
         "decode": (lambda b: [decode_rgb(encoded[s]) for s, _ in b], batches),
         "warp": (lambda b: [aug.warp(pixels[s], draws[(s, a)].matrix, size) for s, a in b], batches),
         "device": (to_model_input, prepared),
     }
+    return paths, per_batch
 
-    def timed(fn, batches) -> float:  # seconds per image, the first batch as warm-up
+
+def _interleaved_rounds(paths: dict, rounds: int, per_batch: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per image of each path in each round, the first batch of each timing as warm-up."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn, batches) -> float:
         fn(batches[0])
         sync()
         start = time.perf_counter()
@@ -122,28 +130,22 @@ def main(argv=None) -> int:
         return (time.perf_counter() - start) / (len(batches[1:]) * per_batch)
 
     # rounds interleave the paths, so a slower spell of a shared machine falls on all of them alike
-    rounds = {name: [] for name in paths}
-    for _ in range(args.rounds):
+    seconds = {name: [] for name in paths}
+    for _ in range(rounds):
         for name, (fn, fn_batches) in paths.items():
-            rounds[name].append(timed(fn, fn_batches))
-    new, old, read, decode, warp, device_step = (statistics.median(rounds[name]) for name in paths)
-    result = {
-        "config": args.config,
-        "overrides": args.overrides,
-        "shards": str(args.shards),
-        "shard_image_size": index.image_size,
-        "image_format": index.image_format,
-        "image_size": size,
-        "augment": cfg.data.augment.__dict__,
-        "batch": per_batch,
-        "batches": args.batches,
-        "rounds": args.rounds,
-        **device_info(device),
-        "allocator_keeps_freed_memory": allocator_kept,
+            seconds[name].append(timed(fn, fn_batches))
+    return seconds
+
+
+def _stages(seconds: dict[str, list[float]]) -> dict:
+    """The medians as the result's speeds and per-stage microseconds."""
+    names = ("new", "previous", "read", "decode", "warp", "device")
+    new, old, read, decode, warp, device_step = (statistics.median(seconds[name]) for name in names)
+    return {
         "images_per_s": 1 / new,
         "previous_images_per_s": 1 / old,
         "speedup": old / new,
-        "speedup_per_round": [o / n for o, n in zip(rounds["previous"], rounds["new"])],
+        "speedup_per_round": [o / n for o, n in zip(seconds["previous"], seconds["new"])],
         "decode_floor_images_per_s": 1 / (read + decode),
         "stages_us": {
             "read": 1e6 * read,
@@ -154,10 +156,39 @@ def main(argv=None) -> int:
         },
         "previous_us_per_image": 1e6 * old,
     }
+
+
+def main(argv=None) -> int:
+    """Entry point of `python -m facedist.bench data`: prints (and with --out writes) the JSON result."""
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    allocator_kept = keep_freed_memory()
+    cfg = load_config(
+        args.config,
+        [*args.overrides, f"data.shards={args.shards}", "data.num_workers=0", f"model.image_size={args.image_size}"],
+    )
+    device = torch.device(args.device)
+    index = ShardIndex(cfg.data.shards, cfg.data.split_train)
+    paths, per_batch = _paths(cfg, index, device, args.image_size, args.batches)
+    seconds = _interleaved_rounds(paths, args.rounds, per_batch, device)
+    result = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "shards": str(args.shards),
+        "shard_image_size": index.image_size,
+        "image_format": index.image_format,
+        "image_size": args.image_size,
+        "augment": cfg.data.augment.__dict__,
+        "batch": per_batch,
+        "batches": args.batches,
+        "rounds": args.rounds,
+        **device_info(device),
+        "allocator_keeps_freed_memory": allocator_kept,
+        **_stages(seconds),
+    }
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
-        from pathlib import Path
-
-        Path(args.out).write_text(text + "\n")
+        write_bytes_atomic(args.out, (text + "\n").encode("utf-8"))
     return 0
