@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from tiny_model import TINY_MODEL_OVERRIDES
 
 import facedist  # noqa: F401  (torchvision compat before anything imports it)
 from facedist.data.shards import BuildOptions, build
@@ -29,3 +30,9 @@ def synth_shards(synth_tree, tmp_path_factory):
     options = BuildOptions(size=SYNTH_SIZE, max_samples=32, val_identities=str(SYNTH_VAL_IDENTITIES), seed=0)
     build(synth_tree, out, options, workers=1, progress=False)
     return out
+
+
+@pytest.fixture
+def tiny_model_overrides():
+    """The config overrides that make a training run's model tiny (resnet10t, 16-d embeddings, 32 px)."""
+    return list(TINY_MODEL_OVERRIDES)
