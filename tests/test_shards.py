@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -18,6 +19,7 @@ from PIL import Image
 
 import facedist.data.shards as shards
 from facedist.data.cli import main as cli_main
+from facedist.data.folders import name_bytes
 from facedist.data.index import ShardIndex
 from facedist.data.shards import BuildOptions, ShardError, build, verify
 
@@ -359,3 +361,145 @@ def test_info_summarises_each_split(synth_shards, capsys):
     assert f"train: {train} identities, {train * SYNTH_IMAGES_PER_IDENTITY} images" in text
     assert f"val: {SYNTH_VAL_IDENTITIES} identities, {SYNTH_VAL_IDENTITIES * SYNTH_IMAGES_PER_IDENTITY} images" in text
     assert cli_main(["info", str(synth_shards / "nope")]) == 2
+
+
+def test_build_where_no_image_survives_fails_in_one_line_without_manifest(synth_tree, tmp_path, capsys):
+    src = tmp_path / "junk"
+    png = _image_bytes("PNG", 1)
+    for n in range(3):
+        _write(src / f"p{n}/a.jpg", b"not an image at all\n")
+        _write(src / f"p{n}/b.png", png[: len(png) // 2])
+    out = tmp_path / "junk_out"
+    assert cli_main(["build", str(src), str(out), "--quiet", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "none of the 6 files is a usable image (3 not an image, 3 truncated image)" in err
+    assert str(out / "report.json") in err
+    assert not (out / "manifest.json").exists() and verify_refuses(out)
+    assert len(json.loads((out / "report.json").read_text())["skipped_files"]) == 6
+
+    out = tmp_path / "too_few"
+    args = ["build", str(synth_tree), str(out), "--size", "16", "--quiet", "--workers", "1"]
+    assert cli_main([*args, "--min-images", "7"]) == 2
+    assert "no identity has --min-images 7 usable images (the most any has is 6)" in capsys.readouterr().err
+    assert not (out / "manifest.json").exists()
+    assert cli_main([*args, "--min-images", "6"]) == 0  # the failed build's report.json does not block OUT
+    assert (out / "manifest.json").exists()
+
+
+def verify_refuses(out: Path) -> bool:
+    with pytest.raises(ShardError, match="not a finished facedist shard folder"):
+        verify(out, progress=False)
+    return True
+
+
+def test_a_requested_split_that_rounds_to_no_identity_is_an_error(synth_tree, tmp_path):
+    with pytest.raises(ShardError, match="--val-identities 0.01 gives no identity of the 16 usable ones"):
+        build(synth_tree, tmp_path / "out", BuildOptions(size=16, val_identities="0.01"), progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_disk_full_is_one_line_and_the_same_command_resumes(synth_tree, tmp_path, monkeypatch, capsys):
+    reference = tmp_path / "reference"
+    build(synth_tree, reference, BuildOptions(size=32, max_samples=8, val_identities="3", seed=1), progress=False)
+    addfile, calls = tarfile.TarFile.addfile, []
+
+    def addfile_until_full(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 40:  # mid-shard, after some shards are finished
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return addfile(self, *args, **kwargs)
+
+    out = tmp_path / "full"
+    command = ["build", str(synth_tree), str(out), "--size", "32", "--max-samples", "8", "--val-identities", "3"]
+    command += ["--seed", "1", "--quiet", "--workers", "1"]
+    monkeypatch.setattr(tarfile.TarFile, "addfile", addfile_until_full)
+    assert cli_main(command) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"no space left for OUT {out}" in err and "run the same command again" in err
+    left = sorted(p.name for p in out.iterdir())
+    assert "manifest.json" not in left and not any(name.endswith(shards.TMP_SUFFIX) for name in left)
+    assert "train-000000.tar" in left  # finished shards stay
+
+    monkeypatch.undo()
+    assert cli_main(command) == 0
+    assert _files(out) == _files(reference)
+
+
+def _grey_png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_16_bit_grey_is_scaled_by_its_bit_depth_like_its_8_bit_twin(tmp_path):
+    eight = np.random.default_rng(0).integers(40, 200, (48, 40), dtype=np.uint8)  # not spanning 0..255
+    for sixteen in (eight.astype(np.uint16) * 257, eight.astype(np.uint16) << 8):  # both usual widenings
+        png16 = _grey_png(sixteen)
+        assert Image.open(io.BytesIO(png16)).mode.startswith("I;16")
+        assert np.array_equal(np.asarray(shards.decode_rgb(png16)), np.asarray(shards.decode_rgb(_grey_png(eight))))
+
+    src = tmp_path / "src"
+    _write(src / "a/eight.png", _grey_png(eight))
+    _write(src / "b/sixteen.png", _grey_png(eight.astype(np.uint16) * 257))
+    build(src, tmp_path / "out", BuildOptions(size=32, format="png"), progress=False)
+    index = ShardIndex(tmp_path / "out", "train")
+    assert index.read_image_bytes(0) == index.read_image_bytes(1)  # the same stored pixels
+
+
+def test_images_below_min_size_are_reported(tmp_path, capsys):
+    src = tmp_path / "src"
+    _write(src / "a/ok.jpg", _image_bytes("JPEG", 1, size=(40, 30)))
+    _write(src / "a/pixel.png", _image_bytes("PNG", 2, size=(1, 1)))
+    _write(src / "a/strip.png", _image_bytes("PNG", 3, size=(200, 15)))
+    out = tmp_path / "out"
+    assert cli_main(["build", str(src), str(out), "--size", "16", "--quiet", "--workers", "1"]) == 0
+    reasons = {r["path"]: r["reason"] for r in json.loads((out / "report.json").read_text())["skipped_files"]}
+    assert reasons == {
+        "a/pixel.png": "too small (1x1 px, shorter side < --min-size 16)",
+        "a/strip.png": "too small (200x15 px, shorter side < --min-size 16)",
+    }
+    assert cli_main(["build", str(src), str(tmp_path / "o2"), "--size", "16", "--min-size", "1", "--quiet"]) == 0
+    assert json.loads((tmp_path / "o2/report.json").read_text())["skipped_files"] == []
+    with pytest.raises(ShardError, match="--min-size must be >= 1"):
+        build(src, tmp_path / "o3", BuildOptions(min_size=0), progress=False)
+
+
+def test_report_keeps_non_utf8_names_recoverable(tmp_path):
+    src = tmp_path / "src"
+    _write(src / "good/a.jpg", _image_bytes("JPEG", 1))
+    raw_file, raw_folder = b"bad\xffname.jpg", b"caf\xe9"
+    with open(os.path.join(os.fsencode(src / "good"), raw_file), "wb") as f:
+        f.write(_image_bytes("JPEG", 2))
+    os.makedirs(os.path.join(os.fsencode(src), raw_folder))
+    with open(os.path.join(os.fsencode(src), raw_folder, b"x.jpg"), "wb") as f:
+        f.write(_image_bytes("JPEG", 3))
+    out = tmp_path / "out"
+    build(src, out, BuildOptions(size=16), progress=False)
+    report = json.loads((out / "report.json").read_bytes().decode("utf-8"))  # strict UTF-8
+    (skipped_file,) = report["skipped_files"]
+    assert skipped_file["path"] == "good/bad\ufffdname.jpg"
+    assert os.path.isfile(os.path.join(os.fsencode(src), name_bytes(skipped_file)))
+    assert name_bytes(skipped_file) == b"good/" + raw_file
+    (skipped_folder,) = report["skipped_identities"]
+    assert name_bytes(skipped_folder, "identity") == raw_folder
+
+
+def test_identity_links_are_followed_and_loops_read_once(tmp_path):
+    src = tmp_path / "src"
+    _write(tmp_path / "real/1.jpg", _image_bytes("JPEG", 1))
+    _write(tmp_path / "real/2.jpg", _image_bytes("JPEG", 2))
+    src.mkdir()
+    os.symlink(tmp_path / "real", src / "alice", target_is_directory=True)
+    os.symlink(tmp_path / "real", src / "alice_again", target_is_directory=True)
+    os.symlink(src, src / "loop", target_is_directory=True)
+    out = tmp_path / "out"
+    summary = build(src, out, BuildOptions(size=16), progress=False)
+    assert summary["identities"] == {"train": 1} and summary["images"] == 2
+    identities = {
+        r["identity"]: r["reason"] for r in json.loads((out / "report.json").read_text())["skipped_identities"]
+    }
+    assert identities == {
+        "alice_again": "same folder as identity 'alice'",
+        "loop": "same folder as SRC itself (a symbolic-link loop)",
+    }

@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=defaults.seed, help="chooses the val/test identities")
     b.add_argument("--min-images", type=int, default=defaults.min_images, help="skip identities with fewer images")
     b.add_argument(
+        "--min-size",
+        type=int,
+        default=defaults.min_size,
+        help="skip (and report) images whose shorter side has fewer pixels: thumbnails, 1x1 placeholders",
+    )
+    b.add_argument(
         "--align",
         action="store_true",
         help="detect, align and crop each face (OpenCV; pip install 'facedist[align]'); "
@@ -91,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 val_identities=args.val_identities,
                 test_identities=args.test_identities,
                 min_images=args.min_images,
+                min_size=args.min_size,
                 seed=args.seed,
                 align=args.align,
             )
