@@ -72,3 +72,25 @@ def test_reads_after_fork_and_spawn(synth_shards, method):
     child.join(timeout=60)
     assert got == expected
     assert index.read_image_bytes(0) == pickle.loads(pickle.dumps(index)).read_image_bytes(0)
+
+
+def test_missing_or_resized_shard_is_one_error_at_start(synth_shards, tmp_path, capsys):
+    import shutil
+
+    from facedist.data.cli import main as cli_main
+
+    root = tmp_path / "shards"
+    shutil.copytree(synth_shards, root)
+    (root / "train-000001.tar").unlink()
+    with pytest.raises(ShardError, match=r"train-000001\.tar: missing \(manifest.json lists it\)"):
+        ShardIndex(root, "train")
+    ShardIndex(root, "val")  # the other split's shards are all there
+    with open(root / "train-000002.tar", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ShardError, match=r"train-000001\.tar: missing .*and 1 more shard files of split 'train'"):
+        ShardIndex(root, "train")
+
+    assert cli_main(["info", str(root)]) == 0
+    text = capsys.readouterr().out
+    assert f"train: {root / 'train-000001.tar'}: missing" in text
+    assert f"train: {root / 'train-000002.tar'}: 1000 bytes, manifest.json says" in text
