@@ -157,6 +157,10 @@ class _FaceFrame:
     def xy(self, u: float, v: float) -> tuple[float, float]:
         return self.cx + (u + self.yaw) * self.a, self.cy + v * self.b
 
+    def stroke(self, width: float) -> int:
+        """A line width given in face half-widths, in whole pixels (at least 1)."""
+        return max(1, int(width * self.a))
+
     def box(self, u: float, v: float, ru: float, rv: float) -> list[float]:
         x, y = self.xy(u, v)
         return [x - ru * self.a, y - rv * self.b, x + ru * self.a, y + rv * self.b]
@@ -176,17 +180,8 @@ def _outline(face: FaceIdentity, frame: _FaceFrame, scale: float = 1.0, points: 
     return out
 
 
-def _draw_face(face: FaceIdentity, rng: np.random.Generator, canvas: int) -> Image.Image:
-    """The face of one image (transparent background), with the per-image pose and expression."""
-    layer = Image.new("RGBA", (canvas, canvas), (0, 0, 0, 0))
-    d = ImageDraw.Draw(layer)
-    yaw = rng.uniform(-0.12, 0.12)
-    f = _FaceFrame(face, canvas, yaw, squeeze=1 - abs(yaw) * 0.8)
-    px = f.a  # one face half-width in pixels: the unit for stroke widths
-
-    def stroke(width: float) -> int:
-        return max(1, int(width * px))
-
+def _draw_head(d: ImageDraw.ImageDraw, face: FaceIdentity, f: _FaceFrame, yaw: float) -> None:
+    """Hair, ears, the face outline and the marks on the skin (birthmark, freckles, paint, moles, beard)."""
     if face.hair_style == "long":
         d.rectangle([f.cx - f.a * 1.15, f.cy - f.b * 0.6, f.cx + f.a * 1.15, f.cy + f.b * 1.05], fill=face.hair)
     if face.hair_style != "bald":
@@ -213,12 +208,15 @@ def _draw_face(face: FaceIdentity, rng: np.random.Generator, canvas: int) -> Ima
         d.ellipse(f.box(fu, fv, 0.025, 0.02), fill=_scale_colour(face.skin, 0.7))
     if face.paint is not None:
         u0, v0, u1, v1, width, colour = face.paint
-        d.line([f.xy(u0, v0), f.xy(u1, v1)], fill=colour, width=stroke(width))
+        d.line([f.xy(u0, v0), f.xy(u1, v1)], fill=colour, width=f.stroke(width))
     for mu, mv, mr in face.moles:
         d.ellipse(f.box(mu, mv, mr, mr * f.a / f.b), fill=(40, 25, 20))
     if face.beard is not None:
         d.polygon([p for p in _outline(face, f, 1.02) if p[1] > f.cy + f.b * (face.mouth_y - 0.12)], fill=face.beard)
 
+
+def _draw_eyes(d: ImageDraw.ImageDraw, face: FaceIdentity, f: _FaceFrame, rng: np.random.Generator) -> None:
+    """Eyes (this image's openness and gaze), irises and brows."""
     openness = 0.12 if rng.uniform() < 0.08 else rng.uniform(0.65, 1.0)
     gaze = rng.uniform(-0.3, 0.3)
     aspect = f.a / f.b  # converts a radius in face-width units to face-height units
@@ -239,36 +237,57 @@ def _draw_face(face: FaceIdentity, rng: np.random.Generator, canvas: int) -> Ima
         d.line(
             [f.xy(eu - face.eye_rx * 1.2, brow_v + tilt), f.xy(eu + face.eye_rx * 1.2, brow_v - tilt)],
             fill=_scale_colour(face.hair, 0.8),
-            width=stroke(face.brow_thickness * 1.6),
+            width=f.stroke(face.brow_thickness * 1.6),
         )
 
+
+def _draw_nose_mouth_glasses(
+    d: ImageDraw.ImageDraw, face: FaceIdentity, f: _FaceFrame, rng: np.random.Generator
+) -> None:
+    """Nose, mouth (this image's expression), moustache and glasses."""
+    aspect = f.a / f.b
     nose_colour = _scale_colour(face.skin, 0.72)
     top, tip = face.eye_y + 0.08, face.eye_y + 0.08 + face.nose_len
     if face.nose_kind == 0:
         d.polygon([f.xy(0, top), f.xy(-face.nose_w, tip), f.xy(face.nose_w, tip)], fill=nose_colour)
     elif face.nose_kind == 1:
-        d.line([f.xy(0, top), f.xy(0, tip), f.xy(face.nose_w, tip)], fill=nose_colour, width=stroke(0.05))
+        d.line([f.xy(0, top), f.xy(0, tip), f.xy(face.nose_w, tip)], fill=nose_colour, width=f.stroke(0.05))
     else:
         d.ellipse(f.box(0, tip - 0.03, face.nose_w, face.nose_w * 0.7 * aspect), fill=nose_colour)
 
     curve = face.mouth_curve + rng.uniform(-0.05, 0.05)
     half = face.mouth_w / 2
     mouth = [f.xy(x * half, face.mouth_y + curve * x * x - curve) for x in np.linspace(-1, 1, 9)]
-    d.line(mouth, fill=face.lips, width=stroke(face.mouth_thickness * 1.5), joint="curve")
+    d.line(mouth, fill=face.lips, width=f.stroke(face.mouth_thickness * 1.5), joint="curve")
     if face.beard is not None:  # moustache
-        d.line([f.xy(-half, face.mouth_y - 0.07), f.xy(half, face.mouth_y - 0.07)], fill=face.beard, width=stroke(0.07))
+        d.line(
+            [f.xy(-half, face.mouth_y - 0.07), f.xy(half, face.mouth_y - 0.07)], fill=face.beard, width=f.stroke(0.07)
+        )
 
     if face.glasses is not None:
         rim = face.eye_rx * 1.5
         for side in (-1, 1):
             d.ellipse(
-                f.box(side * face.eye_spacing, face.eye_y, rim, rim * aspect), outline=face.glasses, width=stroke(0.05)
+                f.box(side * face.eye_spacing, face.eye_y, rim, rim * aspect),
+                outline=face.glasses,
+                width=f.stroke(0.05),
             )
         d.line(
             [f.xy(-face.eye_spacing + rim, face.eye_y), f.xy(face.eye_spacing - rim, face.eye_y)],
             fill=face.glasses,
-            width=stroke(0.04),
+            width=f.stroke(0.04),
         )
+
+
+def _draw_face(face: FaceIdentity, rng: np.random.Generator, canvas: int) -> Image.Image:
+    """The face of one image (transparent background), with the per-image pose and expression."""
+    layer = Image.new("RGBA", (canvas, canvas), (0, 0, 0, 0))
+    d = ImageDraw.Draw(layer)
+    yaw = rng.uniform(-0.12, 0.12)
+    f = _FaceFrame(face, canvas, yaw, squeeze=1 - abs(yaw) * 0.8)
+    _draw_head(d, face, f, yaw)
+    _draw_eyes(d, face, f, rng)  # the draws stay in this order: the same seed gives the same images
+    _draw_nose_mouth_glasses(d, face, f, rng)
     return layer
 
 
