@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 import facedist.data.shards as shards
+from facedist.data import decode
 from facedist.data.cli import main as cli_main
 from facedist.data.folders import name_bytes
 from facedist.data.index import ShardIndex
@@ -438,6 +439,7 @@ def test_16_bit_grey_is_scaled_by_its_bit_depth_like_its_8_bit_twin(tmp_path):
         png16 = _grey_png(sixteen)
         assert Image.open(io.BytesIO(png16)).mode.startswith("I;16")
         assert np.array_equal(np.asarray(shards.decode_rgb(png16)), np.asarray(shards.decode_rgb(_grey_png(eight))))
+        assert np.array_equal(decode.decode_rgb(png16), np.asarray(shards.decode_rgb(png16)))  # OpenCV agrees
 
     src = tmp_path / "src"
     _write(src / "a/eight.png", _grey_png(eight))
