@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from facedist.cli_common import DefaultsHelpFormatter
 from facedist.evaluation.metrics import chunk_rows, verification_metrics
 
 
@@ -91,15 +92,21 @@ def _time_split(n: int, args, device: str, world_size: int) -> dict:
             return json.load(f)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m facedist.bench eval", description=__doc__)
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m facedist.bench eval", description=__doc__, formatter_class=DefaultsHelpFormatter
+    )
     parser.add_argument("--sizes", default="10000,50000", help="comma-separated numbers of embeddings")
     parser.add_argument("--dim", type=int, default=512, help="embedding dimension")
     parser.add_argument("--per-identity", type=int, default=10, help="images per identity")
     parser.add_argument("--devices", default=None, help="comma-separated, default: cpu and cuda when available")
     parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: 2^24 scores / N)")
     parser.add_argument("--world-sizes", default="1", help="comma-separated process counts splitting the pairs")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     world_sizes = [int(w) for w in args.world_sizes.split(",")]
     devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results = []

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from facedist.cli_common import DefaultsHelpFormatter
 from facedist.config import Config, load_config
 from facedist.heads import MATMUL_DTYPES, build_head
 from facedist.model import build_model
@@ -232,23 +233,42 @@ def _csv(kind):
     return lambda text: [kind(v) for v in text.split(",")]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m facedist.bench head", description=__doc__.split("\n")[0])
-    parser.add_argument("--classes", type=_csv(int), default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--rates", type=_csv(float), default=[1.0, 0.1], help="loss.sample_rate values")
-    parser.add_argument("--world-sizes", type=_csv(int), help="default: 1,2 on CPU; 1..GPU count on CUDA")
-    parser.add_argument("--dim", type=int, default=512)
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m facedist.bench head", description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--classes", type=_csv(int), default="10000,100000,1000000", help="comma-separated identity counts C"
+    )
+    parser.add_argument("--rates", type=_csv(float), default="1.0,0.1", help="loss.sample_rate values")
+    parser.add_argument(
+        "--world-sizes",
+        type=_csv(int),
+        help="comma-separated process counts (default: 1,2 on CPU; 1..GPU count on CUDA)",
+    )
+    parser.add_argument("--dim", type=int, default=512, help="embedding dimension")
     parser.add_argument("--batch", type=int, default=128, help="global batch (split over the ranks)")
-    parser.add_argument("--head", default="arcface")
+    parser.add_argument("--head", default="arcface", help="loss.head")
     parser.add_argument("--optim", default="adamw_cosine", help="optim.name (ScheduleFree needs --rates 1.0)")
-    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
-    parser.add_argument("--backbone", default="", help="timm name: also time the whole training step around the head")
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="train.mixed_precision")
+    parser.add_argument(
+        "--backbone", default="", help="timm name: also time the whole training step around it (default: head only)"
+    )
     parser.add_argument("--image-size", type=int, default=224, help="with --backbone (112 for iresnet*/mobilefacenet)")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        choices=["cpu", "cuda"],
+        help="where to run (default: cuda when available, else cpu)",
+    )
     parser.add_argument("--out", help="also write the JSON here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.world_sizes is None:
         args.world_sizes = list(range(1, torch.cuda.device_count() + 1)) if args.device == "cuda" else [1, 2]
     if args.device == "cuda" and max(args.world_sizes) > torch.cuda.device_count():

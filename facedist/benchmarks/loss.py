@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from facedist.benchmarks.head import _sync
+from facedist.cli_common import DefaultsHelpFormatter
 from facedist.config import LossConfig
 from facedist.losses import PairLoss
 
@@ -78,17 +79,27 @@ def measure(step, x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict:
     return {"ms": statistics.median(times), "peak_mb": peak / 2**20}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m facedist.bench loss", description=__doc__.split("\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m facedist.bench loss", description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
+    )
     parser.add_argument("--batch", default="1024,4096", help="global batch sizes N")
     parser.add_argument("--world-size", type=int, default=8, help="ranks sharing the global batch (W)")
-    parser.add_argument("--losses", default="triplet,triplet_semihard,contrastive,multi_similarity")
-    parser.add_argument("--images-per-class", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--losses",
+        default="triplet,triplet_semihard,contrastive,multi_similarity",
+        help=f"comma-separated, of {', '.join(VARIANTS)}",
+    )
+    parser.add_argument("--images-per-class", type=int, default=4, help="M: images of each identity in the batch")
+    parser.add_argument("--dim", type=int, default=512, help="embedding dimension D")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per loss; the median is reported")
     parser.add_argument("--pml", action="store_true", help="also PML's loss on the whole batch (slow)")
     parser.add_argument("--out", help="also write the JSON here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for n in (int(v) for v in args.batch.split(",")):

@@ -14,6 +14,7 @@ import json
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from facedist.cli_common import DefaultsHelpFormatter
 from facedist.config import ModelConfig
 from facedist.model import build_model
 
@@ -34,11 +35,21 @@ def count(backbone: str, image_size: int, embedding_dim: int = 512) -> dict:
     }
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m facedist.bench model", description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--backbones",
+        default="iresnet18,iresnet34,iresnet50,iresnet100,iresnet200,mobilefacenet",
+        help="comma-separated backbone names (timm's or facedist.backbones')",
+    )
+    parser.add_argument("--image-size", type=int, default=112, help="input side, pixels")
+    return parser
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m facedist.bench model", description=__doc__.split("\n")[0])
-    parser.add_argument("--backbones", default="iresnet18,iresnet34,iresnet50,iresnet100,iresnet200,mobilefacenet")
-    parser.add_argument("--image-size", type=int, default=112)
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     for backbone in args.backbones.split(","):
         print(json.dumps(count(backbone, args.image_size)), flush=True)
     return 0

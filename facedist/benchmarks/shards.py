@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from facedist.cli_common import DefaultsHelpFormatter
 from facedist.data.shards import IMAGE_FORMATS, BuildOptions, build
 from facedist.data.synth import write_synthetic_tree
 
@@ -30,15 +31,21 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m facedist.bench shards", description=__doc__)
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m facedist.bench shards", description=__doc__, formatter_class=DefaultsHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=3000, help="total synthetic images (20 per identity)")
     parser.add_argument("--size", type=int, default=112, help="side of the source and stored images")
     parser.add_argument("--format", choices=IMAGE_FORMATS, default="jpg", help="stored image format")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts to time")
     parser.add_argument("--recordio", action="store_true", help="build from an InsightFace train.rec of the tree")
     parser.add_argument("--source-format", choices=IMAGE_FORMATS, default="png", help="synthetic source images")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     images_per_identity = 20
     identities = max(1, args.images // images_per_identity)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from facedist.cli_common import DefaultsHelpFormatter
 from facedist.config import load_config
 from facedist.data.dataset import make_train_loader
 from facedist.data.device_augment import DeviceAugment
@@ -149,15 +150,21 @@ def baseline(cfg, folder: Path, device, steps, warmup) -> float:
     return _timed(step, steps, warmup, P * M, device)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m facedist.bench train", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m facedist.bench train", description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="training config YAML, e.g. configs/demo.yaml")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps of each measurement")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (model only, data only, baseline)")
     parser.add_argument("--folder", help="identity folders for the baseline (default: synthetic faces drawn now)")
     parser.add_argument("--out", help="also write the JSON here")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.mixed_precision=bf16")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
+from facedist.cli_common import DefaultsHelpFormatter
 from facedist.data.shards import IMAGE_FORMATS, BuildOptions, ShardError, build, info, verify
 
 SIZE_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
@@ -23,27 +25,29 @@ def byte_count(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="facedist-shards", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="facedist-shards", description=__doc__, formatter_class=DefaultsHelpFormatter)
+    # every subcommand's --help shows its options' defaults
+    subcommand = functools.partial(argparse.ArgumentParser, formatter_class=DefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=subcommand)
     default_workers = min(8, os.cpu_count() or 1)
 
     synth = commands.add_parser("synth", help="write procedurally drawn face identities as OUT/<identity>/<image>")
-    synth.add_argument("out", metavar="OUT")
-    synth.add_argument("--identities", type=int, default=200)
-    synth.add_argument("--images-per-identity", type=int, default=10)
-    synth.add_argument("--size", type=int, default=112)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--format", choices=IMAGE_FORMATS, default="png")
-    synth.add_argument("--workers", type=int, default=default_workers)
+    synth.add_argument("out", metavar="OUT", help="folder to write, one subfolder per identity")
+    synth.add_argument("--identities", type=int, default=200, help="identities to draw")
+    synth.add_argument("--images-per-identity", type=int, default=10, help="images drawn of each identity")
+    synth.add_argument("--size", type=int, default=112, help="side of the square images, pixels (>= 16)")
+    synth.add_argument("--seed", type=int, default=0, help="the same seed draws the same faces")
+    synth.add_argument("--format", choices=IMAGE_FORMATS, default="png", help="image file format")
+    synth.add_argument("--workers", type=int, default=default_workers, help="drawing processes")
 
     defaults = BuildOptions()
     b = commands.add_parser(
         "build", help="convert identity folders SRC (or an MXNet RecordIO train.rec + train.idx) into shards in OUT"
     )
-    b.add_argument("src", metavar="SRC")
-    b.add_argument("out", metavar="OUT")
+    b.add_argument("src", metavar="SRC", help="identity folders SRC/<identity>/<image>, or an MXNet train.rec")
+    b.add_argument("out", metavar="OUT", help="shard folder to write (resumed if a build was interrupted)")
     b.add_argument("--size", type=int, default=defaults.size, help="side of the stored square images")
-    b.add_argument("--format", choices=IMAGE_FORMATS, default=defaults.format)
+    b.add_argument("--format", choices=IMAGE_FORMATS, default=defaults.format, help="stored image format")
     b.add_argument("--quality", type=int, default=defaults.quality, help="jpg/webp quality 1..100")
     b.add_argument("--max-samples", type=int, default=defaults.max_samples, help="samples per shard at most")
     b.add_argument("--max-bytes", type=byte_count, default=defaults.max_bytes, help="bytes per shard at most (e.g. 1G)")
@@ -67,12 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress bars or summary")
 
     v = commands.add_parser("verify", help="re-read every shard: checksums, counts, index, decode every image")
-    v.add_argument("out", metavar="OUT")
-    v.add_argument("--workers", type=int, default=default_workers)
-    v.add_argument("--quiet", action="store_true")
+    v.add_argument("out", metavar="OUT", help="shard folder to check")
+    v.add_argument("--workers", type=int, default=default_workers, help="reading and decoding processes")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
 
     i = commands.add_parser("info", help="print a summary of a shard folder")
-    i.add_argument("out", metavar="OUT")
+    i.add_argument("out", metavar="OUT", help="shard folder to describe")
     return parser
 
 
