@@ -1,4 +1,5 @@
-"""`facedist-shards`: make synthetic identities, build / verify / describe WebDataset shard folders."""
+"""`facedist-shards`: make synthetic identities, build / verify / describe WebDataset shard folders, draw LFW-style
+pairs files and pack them into .bin verification sets."""
 
 from __future__ import annotations
 
@@ -77,7 +78,42 @@ def _parser() -> argparse.ArgumentParser:
 
     i = commands.add_parser("info", help="print a summary of a shard folder")
     i.add_argument("out", metavar="OUT", help="shard folder to describe")
+
+    pairs = commands.add_parser("pairs", help="draw an LFW-style pairs file (View 2 format) from identity folders SRC")
+    pairs.add_argument("src", metavar="SRC", help="identity folders SRC/<identity>/<image>")
+    pairs.add_argument("out", metavar="OUT", help="pairs file to write (e.g. pairs.txt)")
+    pairs.add_argument("--folds", type=int, default=10, help="folds, each with identities of its own")
+    pairs.add_argument("--per-fold", type=int, default=300, help="same pairs, and as many different pairs, per fold")
+    pairs.add_argument("--seed", type=int, default=0, help="the same seed draws the same pairs")
+
+    packed = commands.add_parser("bin", help="pack a pairs file and its image folder into an InsightFace .bin")
+    packed.add_argument("out", metavar="OUT", help=".bin file to write (e.g. lfw.bin)")
+    packed.add_argument("--pairs", required=True, help="pairs file (LFW's pairs.txt format)")
+    packed.add_argument("--images", required=True, help="DIR/<identity>/<image>: LFW's Name_0001.jpg or any names")
+    packed.add_argument("--align", action="store_true", help="store 5-point aligned crops (raw photos)")
+    packed.add_argument("--size", type=int, default=112, help="side of the aligned crops (--align)")
+    packed.add_argument(
+        "--skip-missing", action="store_true", help="drop (and list) pairs with a missing image or no face found"
+    )
     return parser
+
+
+def _pairs(args: argparse.Namespace) -> None:
+    from facedist.data.pairs import draw_pairs, write_pairs
+
+    drawn = draw_pairs(args.src, args.folds, args.per_fold, args.seed)
+    write_pairs(args.out, drawn, args.folds, args.per_fold)
+    print(f"wrote {len(drawn)} pairs ({args.folds} folds x {args.per_fold} same + different) to {args.out}")
+
+
+def _bin(args: argparse.Namespace) -> None:
+    from facedist.evaluation.bins import write_bin_from_pairs
+
+    align_size = args.size if args.align else 0
+    written, dropped = write_bin_from_pairs(args.pairs, args.images, args.out, align_size, args.skip_missing)
+    for line in dropped:
+        print(f"facedist-shards bin: dropped {line}", file=sys.stderr)
+    print(f"wrote {written} pairs to {args.out}" + (f" ({len(dropped)} dropped, listed above)" if dropped else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"facedist-shards verify: {len(problems)} problem(s) in {args.out}", file=sys.stderr)
                 return 1
             print(f"{args.out}: OK")
+        elif args.command == "pairs":
+            _pairs(args)
+        elif args.command == "bin":
+            _bin(args)
         else:
             print(info(args.out))
     except (ShardError, ValueError) as error:

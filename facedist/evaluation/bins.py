@@ -120,17 +120,77 @@ def write_bin(path: str | Path, images: Sequence, issame: Sequence[bool], qualit
     for image in images:
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image)
-        if isinstance(image, Image.Image):
-            buffer = io.BytesIO()
-            image.convert("RGB").save(buffer, "JPEG", quality=quality)
-            image = buffer.getvalue()
-        encoded.append(bytes(image))
+        encoded.append(jpeg_bytes(image, quality) if isinstance(image, Image.Image) else bytes(image))
     issame = [bool(v) for v in issame]
     if len(encoded) != 2 * len(issame):
         raise ValueError(f"{len(encoded)} images for {len(issame)} pairs: need exactly 2 a pair")
     path = Path(path)
     write_atomic(path, lambda tmp: Path(tmp).write_bytes(pickle.dumps((encoded, issame), protocol=2)))
     return path
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 95) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def write_bin_from_pairs(
+    pairs_file: str | Path, images: str | Path, path: str | Path, align_size: int = 0, skip_missing: bool = False
+) -> tuple[int, list[str]]:
+    """Pack a pairs file (facedist.data.pairs) and its image folder into the .bin `path`: the two images of each
+    pair in pair order, as they are (JPEG files byte for byte, others re-encoded as JPEG) or, with `align_size`,
+    as aligned crops of that side. A missing or unreadable image, or a face not found, is a PairsError naming the
+    pair's line; with `skip_missing` the pair is dropped instead. Returns (pairs written, one line per dropped pair)."""
+    from facedist.data.pairs import ImageFolder, PairsError, read_pairs
+
+    pairs, _, _ = read_pairs(pairs_file)
+    folder = ImageFolder(images)
+    encode = _PairImageEncoder(align_size)
+    encoded, issame, skipped = [], [], []
+    for pair in pairs:
+        where = f"{pairs_file}:{pair.line}"
+        try:
+            both = [encode(folder.path(*member, where), where) for member in (pair.first, pair.second)]
+        except PairsError as err:
+            if not skip_missing:
+                raise
+            skipped.append(str(err))
+            continue
+        encoded += both
+        issame.append(pair.same)
+    if not issame:
+        raise PairsError(f"{pairs_file}: all {len(pairs)} pairs were dropped (--skip-missing); no .bin written")
+    write_bin(path, encoded, issame)
+    return len(issame), skipped
+
+
+class _PairImageEncoder:
+    """Image file -> the bytes a .bin stores (see write_bin_from_pairs), each file read and aligned once."""
+
+    def __init__(self, align_size: int):
+        from facedist.align import FaceAligner
+
+        self.aligner = FaceAligner(align_size) if align_size else None
+        self.done: dict[Path, bytes] = {}
+
+    def __call__(self, path: Path, where: str) -> bytes:
+        from facedist.align import NoFaceError
+        from facedist.data.pairs import PairsError
+
+        if path not in self.done:
+            try:
+                data = path.read_bytes()
+                image = load_image(data, str(path))
+                if self.aligner is not None:
+                    self.done[path] = jpeg_bytes(self.aligner.align(image, str(path)).image)
+                else:
+                    self.done[path] = data if data[:3] == b"\xff\xd8\xff" else jpeg_bytes(image)
+            except OSError as err:
+                raise PairsError(f"{where}: {path}: unreadable ({err.strerror or type(err).__name__})") from None
+            except (ImageError, NoFaceError) as err:
+                raise PairsError(f"{where}: {err}") from None
+        return self.done[path]
 
 
 def write_bin_from_folder(root: str | Path, path: str | Path, num_pairs: int = 100, seed: int = 0) -> Path:
