@@ -9,10 +9,23 @@ outputs for the image and its mirror (insightface convention), then L2-normalise
 Under `accelerate launch` (a torch.distributed process group) every process embeds a contiguous slice
 of the images and the slices are gathered in order, so every rank ends with the same result as one
 process would compute.
+
+Images that cannot be used (unreadable, below `min_size` pixels on the shorter side, no face found under
+`align`) are returned as `Skipped` records with their reason; the command lines write the rest and list
+those in a report (`write_skipped_report`), or refuse with `--strict`. Folders are walked as the shard
+builder walks them (facedist.data.folders: symbolic links followed, each real folder once).
+
+File names are bytes on Linux and need not be UTF-8; every name facedist writes can be found again byte
+for byte. `path` is readable text: the name's bytes as UTF-8, undecodable bytes shown as U+FFFD
+(`shown_path`). The exact bytes go next to it: in embeddings files a `path_bytes` column on every row
+(parquet: binary, npz: a bytes array; `os.fsdecode(path_bytes)` opens the file), in JSON reports
+`path_bytes_b64` where the text is not exact (facedist.data.folders.name_fields).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,23 +40,52 @@ from tqdm import tqdm
 
 from facedist import distributed
 from facedist.data.dataset import loader_kwargs, normalise, warn_if_resized
+from facedist.data.folders import iter_identity_images, name_fields
 from facedist.data.shards import decode_rgb, square_resize
+from facedist.durable import write_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff")
+MIN_IMAGE_SIZE = 16  # px on the shorter side, as facedist-shards build --min-size: smaller is no face photo
 
 
 class ImageError(ValueError):
-    """An image cannot be read or does not fit the model; the message names it."""
+    """An image cannot be read or does not fit the model; the message names it, `reason` says why alone."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
-def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
-    """Decode an image file (or encoded bytes) to RGB; `ImageError` naming it when that fails."""
-    name = name or str(source)
+def shown_path(path: str | Path | bytes) -> str:
+    """A file name as readable text: its bytes as UTF-8, undecodable bytes as U+FFFD (module docstring)."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _decode_failure(err: Exception) -> str:
+    if isinstance(err, Image.UnidentifiedImageError):  # its message holds the repr of a BytesIO
+        return "not an image (Pillow cannot identify it)"
+    return f"not a readable image ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+
+
+def load_image(source: str | Path | bytes, name: str | None = None, min_size: int = 0) -> Image.Image:
+    """Decode an image file (or encoded bytes) to RGB; `ImageError` naming it when that fails or when its
+    shorter side is below `min_size` pixels."""
+    name = name or shown_path(source)
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError as err:
+        reason = f"unreadable ({err.strerror or type(err).__name__})"
+        raise ImageError(f"{name}: {reason}", reason) from err
+    if not data:
+        raise ImageError(f"{name}: zero-byte file", "zero-byte file")
     try:  # the shard builder's decoder: EXIF orientation applied, 16-bit greyscale rescaled, as in the shards
-        return decode_rgb(source if isinstance(source, bytes) else Path(source).read_bytes())
+        image = decode_rgb(data)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ImageError(f"{name}: not a readable image ({reason})") from err
+        raise ImageError(f"{name}: {_decode_failure(err)}", _decode_failure(err)) from err
+    if min(image.size) < min_size:
+        reason = f"image is {image.width}x{image.height} px, below the {min_size} px minimum (--min-size)"
+        raise ImageError(f"{name}: {reason}", reason)
+    return image
 
 
 def preprocess(image: Image.Image, preprocessing: dict) -> torch.Tensor:
@@ -55,27 +97,23 @@ def preprocess(image: Image.Image, preprocessing: dict) -> torch.Tensor:
 
 
 def list_images(root: str | Path) -> tuple[list[Path], list[str]]:
-    """Every image below `root` (sorted by relative path) and its identity: the first folder below root
-    (`""` for images directly in root)."""
+    """Every image below `root` (sorted by relative path; symbolic links followed) and its identity: the
+    first folder below root (`""` for images directly in root)."""
     root = Path(root)
     if not root.is_dir():
-        raise ImageError(f"--folder {root}: not a directory")
-    paths = sorted(
-        (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
-    if not paths:
-        raise ImageError(f"--folder {root}: no images ({', '.join(IMAGE_EXTENSIONS)})")
-    identities = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "" for p in paths]
-    return paths, identities
+        raise ImageError(f"--folder {shown_path(root)}: not a directory")
+    found = iter_identity_images(root, IMAGE_EXTENSIONS)
+    if not found:
+        raise ImageError(f"--folder {shown_path(root)}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return [path for path, _ in found], [identity for _, identity in found]
 
 
 class ImageDataset(Dataset):
     """Preprocessed images from paths or encoded bytes; item i -> (tensor, i, problem, fatal).
 
-    Problems are returned, not raised, so that a worker process or one rank never dies alone:
-    `fatal` (unreadable image) aborts the run after gathering, a face not found under `align` is
-    reported and the image skipped.
+    Problems are returned, not raised, so that a worker process or one rank never dies alone: `problem`
+    says why image i is left out (`image_name(i)` names it); `fatal` (unreadable or too small) aborts
+    embed_dataset unless it skips unreadable images, a face not found under `align` is always skipped.
     """
 
     def __init__(
@@ -84,8 +122,10 @@ class ImageDataset(Dataset):
         preprocessing: dict,
         align: bool = False,
         names: Sequence[str] | None = None,
+        min_size: int = 0,
     ):
         self.sources, self.preprocessing, self.align, self.names = sources, preprocessing, align, names
+        self.min_size = min_size
         self._aligner = None  # built lazily in each worker (OpenCV cascades do not pickle)
 
     def __getstate__(self) -> dict:  # workers start from a pickled copy (forkserver)
@@ -94,22 +134,31 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.sources)
 
-    def __getitem__(self, i: int):
-        from facedist.align import FaceAligner, NoFaceError
+    def image_name(self, i: int) -> str:
+        if self.names is not None:
+            return shown_path(self.names[i])
+        return f"image {i}" if isinstance(self.sources[i], bytes) else shown_path(self.sources[i])
 
-        name = self.names[i] if self.names is not None else str(self.sources[i])
+    def __getitem__(self, i: int):
+        from facedist.align import NoFaceError
+
         size = int(self.preprocessing["image_size"])
         try:
-            image = load_image(self.sources[i], name)
+            image = load_image(self.sources[i], self.image_name(i), self.min_size)
             if self.align:
-                if self._aligner is None:
-                    self._aligner = FaceAligner(size)
-                image = self._aligner.align(image, name).image
+                image = self._align(image, size, i)
             return preprocess(image, self.preprocessing), i, "", False
-        except NoFaceError as err:
-            return torch.zeros(3, size, size), i, str(err), False
+        except NoFaceError:
+            return torch.zeros(3, size, size), i, "no face found (--align)", False
         except ImageError as err:
-            return torch.zeros(3, size, size), i, str(err), True
+            return torch.zeros(3, size, size), i, err.reason, True
+
+    def _align(self, image: Image.Image, size: int, i: int) -> Image.Image:
+        from facedist.align import FaceAligner
+
+        if self._aligner is None:
+            self._aligner = FaceAligner(size)
+        return self._aligner.align(image, self.image_name(i)).image
 
 
 class ShardImages:
@@ -148,10 +197,23 @@ def embed_batch(
 
 
 @dataclass
+class Skipped:
+    """An image left out of the embeddings, and why."""
+
+    index: int  # position in the dataset
+    name: str  # the image's name ("" where the dataset gives none: then the reason names it)
+    reason: str  # e.g. "not an image (Pillow cannot identify it)", "no face found (--align)"
+    fatal: bool  # unreadable or too small (a face not found is not fatal)
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.reason}" if self.name else self.reason
+
+
+@dataclass
 class Embeddings:
     vectors: np.ndarray  # [n, D] float32, L2-normalised (unless normalize=False)
     indices: np.ndarray  # [n] int64, the dataset position of each row (ascending)
-    skipped: list[str] = field(default_factory=list)  # images left out (no face found), one line each
+    skipped: list[Skipped] = field(default_factory=list)  # images left out, by dataset position
 
 
 def _all_gather_lists(items: list) -> list:
@@ -164,30 +226,30 @@ def _all_gather_lists(items: list) -> list:
 
 def embed_dataset(
     model: torch.nn.Module,
-    dataset: ImageDataset,
+    dataset: Dataset,
     batch_size: int = 64,
     flip: bool = False,
     num_workers: int = 0,
     progress: bool = False,
     normalize: bool = True,
+    skip_unreadable: bool = False,
 ) -> Embeddings:
     """Embed every item of `dataset` (split across ranks when distributed; all ranks get all rows;
     `normalize=False`: the model's outputs as they are, e.g. for IJB's faceness-weighted templates).
 
-    Raises ImageError (on every rank) when any image could not be read.
+    Raises ImageError (on every rank) when an image could not be read, unless `skip_unreadable`: then it
+    is one of the `skipped`, as images without a face always are.
     """
     device = next(model.parameters()).device
     mine = np.array_split(np.arange(len(dataset)), distributed.world_size())[distributed.rank()]
     loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=batch_size, **loader_kwargs(num_workers))
-    vectors, indices, skipped, fatal = [], [], [], []
+    vectors, indices, problems = [], [], []
     model.eval()
     for images, idx, messages, fatal_flags in tqdm(
         loader, desc="embedding", disable=not progress or distributed.rank() > 0
     ):
         ok = torch.tensor([not m for m in messages])
-        for message, is_fatal in zip(messages, fatal_flags.tolist()):
-            if message:
-                (fatal if is_fatal else skipped).append(message)
+        problems += [(i, m, f) for i, m, f in zip(idx.tolist(), messages, fatal_flags.tolist()) if m]
         if ok.any():
             vectors.append(embed_batch(model, images[ok].to(device, non_blocking=True), flip, normalize))
             indices.append(idx[ok].to(device))
@@ -196,11 +258,13 @@ def embed_dataset(
     local_indices = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long, device=device)
     all_vectors = distributed.gather_rows(local_vectors).cpu().numpy().astype(np.float32)
     all_indices = distributed.gather_rows(local_indices).cpu().numpy().astype(np.int64)
-    fatal = _all_gather_lists(fatal)
-    if fatal:
-        more = f" (and {len(fatal) - 1} more unreadable images)" if len(fatal) > 1 else ""
-        raise ImageError(fatal[0] + more)
-    return Embeddings(all_vectors, all_indices, _all_gather_lists(skipped))
+    name = getattr(dataset, "image_name", lambda i: "")  # other datasets' problems name their image
+    skipped = [Skipped(i, name(i), message, fatal) for i, message, fatal in sorted(_all_gather_lists(problems))]
+    unreadable = [s for s in skipped if s.fatal]
+    if unreadable and not skip_unreadable:
+        more = f" ({len(unreadable)} unusable images in all)" if len(unreadable) > 1 else ""
+        raise ImageError(f"{unreadable[0]}{more}")
+    return Embeddings(all_vectors, all_indices, skipped)
 
 
 def embed_paths(
@@ -212,7 +276,37 @@ def embed_paths(
     align: bool = False,
     num_workers: int = 0,
     progress: bool = False,
+    min_size: int = MIN_IMAGE_SIZE,
+    skip_unreadable: bool = False,
 ) -> Embeddings:
     """Embeddings of image files (see embed_dataset); with `align`, images without a face are skipped."""
-    dataset = ImageDataset(list(paths), preprocessing, align=align)
-    return embed_dataset(model, dataset, batch_size, flip, num_workers, progress)
+    dataset = ImageDataset(list(paths), preprocessing, align=align, min_size=min_size)
+    return embed_dataset(model, dataset, batch_size, flip, num_workers, progress, skip_unreadable=skip_unreadable)
+
+
+def skipped_summary(skipped: list[Skipped]) -> str:
+    """'3 images skipped (2 unreadable or too small, 1 without a face)' or '0 images skipped'."""
+    unusable = sum(s.fatal for s in skipped)
+    parts = [f"{unusable} unreadable or too small"] * bool(unusable)
+    parts += [f"{len(skipped) - unusable} without a face"] * bool(len(skipped) - unusable)
+    return f"{len(skipped)} images skipped" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def refuse_skipped(skipped: list[Skipped], total: int) -> None:
+    """--strict: ImageError naming the first image left out, when any is."""
+    if skipped:
+        raise ImageError(
+            f"{len(skipped)} of {total} images cannot be embedded, nothing written (--strict; without it the rest is "
+            f"written and every skipped image listed); the first: {skipped[0]}"
+        )
+
+
+def write_skipped_report(path: Path, skipped: list[Skipped], names: Sequence[str | Path], total: int) -> None:
+    """List every skipped image with its reason in the JSON file `path` (path rule: module docstring);
+    without skipped images, remove a report a previous run left there."""
+    if not skipped:
+        path.unlink(missing_ok=True)
+        return
+    entries = [{**name_fields(names[s.index]), "reason": s.reason} for s in skipped]
+    report = {"images": total, "embedded": total - len(skipped), "skipped": entries}
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1, ensure_ascii=False)))

@@ -1,17 +1,20 @@
 """Command lines for using a trained model: `facedist-compare`, `facedist-embed`, `facedist-export`.
 
     facedist-compare --checkpoint CKPT IMG1 IMG2 [--threshold T | --far 1e-3] [--align]
-    facedist-embed   --checkpoint CKPT --folder DIR --out FILE.parquet|FILE.npz [--align] [--[no-]flip]
+    facedist-embed   --checkpoint CKPT --folder DIR --out FILE.parquet|FILE.npz [--align] [--[no-]flip] [--strict]
     facedist-export  --checkpoint CKPT --onnx model.onnx --safetensors model.safetensors
 
 CKPT is a checkpoint directory, a training output_dir (its latest checkpoint) or a model.safetensors.
+facedist-embed writes every image it can embed and lists the others with their reason in
+`FILE.skipped.json` (`--strict`: exit 1 and write nothing instead). File names that are not UTF-8 are
+kept byte for byte: the rule for `path` and `path_bytes` is in facedist.inference's docstring.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 import warnings
 from pathlib import Path
 
@@ -26,12 +29,23 @@ from facedist.checkpoint import (
     read_embedding_metadata,
     save_embedding_model,
 )
+from facedist.cli_common import DefaultsHelpFormatter, add_embedding_options
 from facedist.durable import write_atomic
 from facedist.evaluation.cli import THRESHOLDS_FILE
 from facedist.evaluation.metrics import far_key
-from facedist.inference import ImageError, embed_paths, flip_default, list_images
+from facedist.inference import (
+    ImageError,
+    embed_paths,
+    flip_default,
+    list_images,
+    refuse_skipped,
+    shown_path,
+    skipped_summary,
+    write_skipped_report,
+)
 
 EMBEDDING_FORMATS = (".parquet", ".npz")
+PREFERRED_FAR = 1e-3  # compare's threshold when the evaluation resolved it
 
 
 def _run(prog: str, command, args: argparse.Namespace) -> int:
@@ -49,11 +63,23 @@ def _device(cpu: bool) -> torch.device:
     return PartialState(cpu=cpu).device  # joins the process group under accelerate launch
 
 
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser whose --help shows defaults, with the --checkpoint every command takes."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=DefaultsHelpFormatter)
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint dir, training output_dir (its latest checkpoint) or model.safetensors",
+    )
+    return parser
+
+
 # facedist-compare
 
 
-def stored_threshold(checkpoint_dir: Path, far: float) -> tuple[float, dict]:
-    """The cosine threshold at `far` that facedist-eval stored next to the checkpoint, and that record."""
+def stored_threshold(checkpoint_dir: Path, far: float | None) -> tuple[float, dict, str]:
+    """The cosine threshold that facedist-eval stored next to the checkpoint at `far` (None: PREFERRED_FAR
+    when stored, else the smallest FAR stored), that record and the FAR's key."""
     path = checkpoint_dir / THRESHOLDS_FILE
     if not path.is_file():
         raise CheckpointError(
@@ -61,72 +87,87 @@ def stored_threshold(checkpoint_dir: Path, far: float) -> tuple[float, dict]:
             "(run facedist-eval on this checkpoint, or pass --threshold)"
         )
     record = json.loads(path.read_text())
-    key = far_key(far)
-    if key not in record["far"]:
+    stored = record["far"]
+    if far is None and stored:
+        key = far_key(PREFERRED_FAR) if far_key(PREFERRED_FAR) in stored else min(stored, key=float)
+    else:
+        key = far_key(far if far is not None else PREFERRED_FAR)
+    if key not in stored:
         raise CheckpointError(
-            f"{path}: no threshold at FAR {key} (available: {', '.join(record['far']) or 'none'}; "
+            f"{path}: no threshold at FAR {key} (available: {', '.join(stored) or 'none'}; "
             "evaluate on more images or pass --threshold)"
         )
-    return float(record["far"][key]), record
+    return float(stored[key]), record, key
 
 
 def compare(args: argparse.Namespace) -> None:
     model, preprocessing, checkpoint_dir = load_embedding_model(args.checkpoint, _device(args.cpu))
     flip = flip_default(args.flip, preprocessing)
     if args.threshold is None:
-        threshold, record = stored_threshold(checkpoint_dir, args.far)
+        threshold, record, key = stored_threshold(checkpoint_dir, args.far)
         if args.flip is None:  # the threshold holds for embeddings made the way it was measured
             flip = record.get("flip", flip)
-        source = f"FAR {far_key(args.far)} from {checkpoint_dir / THRESHOLDS_FILE}"
+        source = f"FAR {key} from {checkpoint_dir / THRESHOLDS_FILE}"
     else:
         threshold, source = args.threshold, "--threshold"
-    result = embed_paths(model, [args.image1, args.image2], preprocessing, flip=flip, align=args.align)
+    images = [args.image1, args.image2]
+    result = embed_paths(model, images, preprocessing, flip=flip, align=args.align, min_size=args.min_size)
     if result.skipped:
-        raise ImageError(result.skipped[0])
+        raise ImageError(str(result.skipped[0]))
     similarity = float(result.vectors[0] @ result.vectors[1])
     verdict = "same person" if similarity >= threshold else "different people"
     print(f"cosine similarity {similarity:.4f}, threshold {threshold:.4f} ({source}): {verdict}")
 
 
-def compare_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="facedist-compare", description="Are two face images the same person?")
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("image1")
-    parser.add_argument("image2")
-    parser.add_argument("--threshold", type=float, help="cosine threshold (default: the stored FAR threshold)")
-    parser.add_argument("--far", type=float, default=1e-3, help="which stored threshold to use (default 1e-3)")
-    parser.add_argument("--align", action="store_true", help="detect and align the faces first (raw photos)")
+def compare_parser() -> argparse.ArgumentParser:
+    parser = _parser("facedist-compare", "Are two face images the same person?")
+    parser.add_argument("image1", help="first face image")
+    parser.add_argument("image2", help="second face image")
+    parser.add_argument("--threshold", type=float, help="cosine threshold (default: the stored threshold at --far)")
     parser.add_argument(
-        "--flip",
-        action=argparse.BooleanOptionalAction,
-        help="flip test-time augmentation (default: as the checkpoint records, eval.flip)",
+        "--far",
+        type=float,
+        help=f"false accept rate of the threshold facedist-eval stored (default: {PREFERRED_FAR:.0e} where the "
+        "evaluation had impostor pairs enough to resolve it, else the smallest FAR it resolved)",
     )
-    parser.add_argument("--cpu", action="store_true")
-    return _run("facedist-compare", compare, parser.parse_args(argv))
+    add_embedding_options(parser, batches=False)
+    return parser
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    return _run("facedist-compare", compare, compare_parser().parse_args(argv))
 
 
 # facedist-embed
 
 
-def write_embeddings(path: Path, vectors: np.ndarray, identities: list[str], paths: list[str]) -> None:
-    """`.parquet`: columns path, identity, embedding (fixed-size float32 list); `.npz`: arrays embeddings,
-    identity, path. Written atomically."""
+def write_embeddings(path: Path, vectors: np.ndarray, identities: list[str], paths: list[str | Path]) -> None:
+    """`.parquet`: columns path, path_bytes, identity, embedding (fixed-size float32 list); `.npz`: arrays
+    embeddings, identity, path, path_bytes. Paths and identities as text, exact bytes in path_bytes
+    (facedist.inference's docstring). Written atomically."""
+    texts, raw = [shown_path(p) for p in paths], [os.fsencode(p) for p in paths]
+    identities = [shown_path(identity) for identity in identities]
     if path.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1])
-        table = pa.table({"path": paths, "identity": identities, "embedding": embedding})
+        columns = {"path": texts, "path_bytes": pa.array(raw, pa.binary()), "identity": identities}
+        table = pa.table({**columns, "embedding": embedding})
         write_atomic(path, lambda tmp: pq.write_table(table, tmp))
     else:
 
         def write_npz(tmp):
             with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temp name
-                np.savez(
-                    f, embeddings=vectors, identity=np.array(identities, dtype=str), path=np.array(paths, dtype=str)
-                )
+                arrays = {"identity": np.array(identities, dtype=str), "path": np.array(texts, dtype=str)}
+                np.savez(f, embeddings=vectors, path_bytes=np.array(raw, dtype=bytes), **arrays)
 
         write_atomic(path, write_npz)
+
+
+def skipped_report_path(out: Path) -> Path:
+    """Where facedist-embed lists the images it skipped: next to its output, OUT.skipped.json."""
+    return out.with_name(out.name + ".skipped.json")
 
 
 def embed(args: argparse.Namespace) -> None:
@@ -135,33 +176,57 @@ def embed(args: argparse.Namespace) -> None:
     paths, identities = list_images(args.folder)
     flip = flip_default(args.flip, preprocessing)
     result = embed_paths(
-        model, paths, preprocessing, args.batch_size, flip, args.align, args.num_workers, progress=True
+        model,
+        paths,
+        preprocessing,
+        args.batch_size,
+        flip,
+        args.align,
+        args.num_workers,
+        progress=True,
+        min_size=args.min_size,
+        skip_unreadable=True,
     )
     if distributed.rank() != 0:
         return
-    for message in result.skipped:
-        print(f"facedist-embed: skipped: {message}", file=sys.stderr)
+    if args.strict:
+        refuse_skipped(result.skipped, len(paths))
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_embeddings(
-        out, result.vectors, [identities[i] for i in result.indices], [str(paths[i]) for i in result.indices]
+    write_embeddings(out, result.vectors, [identities[i] for i in result.indices], [paths[i] for i in result.indices])
+    report = skipped_report_path(out)
+    write_skipped_report(report, result.skipped, paths, len(paths))
+    listed = f", listed in {shown_path(report)}" if result.skipped else ""
+    print(
+        f"facedist-embed: {len(result.indices)} embeddings written to {shown_path(out)}; "
+        f"{skipped_summary(result.skipped)}{listed}"
     )
-    print(f"facedist-embed: {len(result.indices)} embeddings written to {out}, {len(result.skipped)} images skipped")
+
+
+def embed_parser() -> argparse.ArgumentParser:
+    parser = _parser("facedist-embed", "Embeddings of every image in a folder tree.")
+    parser.add_argument(
+        "--folder",
+        required=True,
+        metavar="DIR",
+        help="images below DIR (symbolic links followed); identity = first folder below DIR",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="FILE.parquet (columns path, path_bytes, identity, embedding) or FILE.npz (arrays path, path_bytes, "
+        "identity, embeddings); path is the name as UTF-8 text (undecodable bytes as U+FFFD), path_bytes its "
+        "exact bytes (os.fsdecode opens it). Skipped images are listed in FILE.skipped.json",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="exit 1 and write nothing when any image cannot be embedded"
+    )
+    add_embedding_options(parser)
+    return parser
 
 
 def embed_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="facedist-embed", description="Embeddings of every image in a folder tree.")
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--folder", required=True, help="images; identity = first folder below DIR")
-    parser.add_argument("--out", required=True, help="FILE.parquet or FILE.npz")
-    parser.add_argument("--align", action="store_true", help="detect and align faces (images without one are skipped)")
-    parser.add_argument(
-        "--flip",
-        action=argparse.BooleanOptionalAction,
-        help="flip test-time augmentation (default: as the checkpoint records, eval.flip)",
-    )
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--cpu", action="store_true")
+    parser = embed_parser()
     args = parser.parse_args(argv)
     if Path(args.out).suffix not in EMBEDDING_FORMATS:
         parser.error(f"--out {args.out}: unknown format (use {' or '.join(EMBEDDING_FORMATS)})")
@@ -223,15 +288,19 @@ def export(args: argparse.Namespace) -> None:
         print(f"facedist-export: {args.onnx}")
 
 
-def export_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="facedist-export",
-        description="Backbone + neck (evaluation weights) to ONNX and/or safetensors, preprocessing in the metadata.",
+def export_parser() -> argparse.ArgumentParser:
+    parser = _parser(
+        "facedist-export",
+        "Backbone + neck (evaluation weights) to ONNX and/or safetensors, preprocessing in the metadata.",
     )
-    parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--onnx", help="output .onnx file")
     parser.add_argument("--safetensors", help="output .safetensors file (loadable with --checkpoint FILE)")
-    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version of the exported graph")
+    return parser
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    parser = export_parser()
     args = parser.parse_args(argv)
     if not (args.onnx or args.safetensors):
         parser.error("give --onnx FILE and/or --safetensors FILE")

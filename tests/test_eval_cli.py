@@ -127,8 +127,10 @@ def test_eval_shards_and_image_size_mismatch(tiny32, synth_shards, tmp_path, cap
         ]
     )
     _assert_report(tmp_path / "r", file.parent)
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    summary = [line for line in capsys.readouterr().out.splitlines() if "AUC" in line]  # as --bin prints one
+    assert len(summary) == 1 and f"AUC {metrics['auc']:.4f}, EER {metrics['eer']:.4f}, TAR@FAR" in summary[0]
     _, _, file64 = save_tiny_model(tmp_path / "run64", image_size=64)
-    capsys.readouterr()
     # other-size shards are resized as training resizes them (tests/test_dataset.py), with one warning line
     main(
         [
@@ -148,6 +150,25 @@ def test_eval_shards_and_image_size_mismatch(tiny32, synth_shards, tmp_path, cap
     _assert_report(tmp_path / "r64", file64.parent)
     warning = [line for line in capsys.readouterr().err.splitlines() if "resized" in line]
     assert len(warning) == 1 and "32x32" in warning[0] and "64x64" in warning[0]
+
+
+def test_eval_folder_with_junk_evaluates_the_rest_and_lists_it(tiny32, synth_tree, tmp_path, capsys):
+    _, _, file = tiny32
+    tree = tmp_path / "tree"
+    shutil.copytree(synth_tree, tree)
+    first, second = sorted(tree.iterdir())[:2]
+    (first / "notes.jpg").write_bytes(b"not an image")
+    Image.new("RGB", (2, 3)).save(second / "dot.png")
+    main(["--checkpoint", str(file), "--folder", str(tree), "--out", str(tmp_path / "o"), "--num-workers", "0"])
+    metrics, _ = _assert_report(tmp_path / "o", file.parent)
+    assert metrics["num_images"] == 96
+    report = json.loads((tmp_path / "o" / "skipped.json").read_text())
+    assert [(Path(e["path"]).name, e["reason"].split(" (")[0]) for e in report["skipped"]] == [
+        ("notes.jpg", "not an image"),
+        ("dot.png", "image is 2x3 px, below the 16 px minimum"),
+    ]
+    out = capsys.readouterr().out
+    assert "96 images embedded, 2 images skipped" in out and "object at 0x" not in out
 
 
 def test_eval_pairs_end_to_end(tiny32, tmp_path):
@@ -182,9 +203,9 @@ def test_eval_bad_inputs_are_one_line(tiny32, synth_tree, tmp_path):
     shutil.copytree(synth_tree, tree)
     broken = next(tree.iterdir()) / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    assert str(broken) in _one_line_exit(
-        ["--checkpoint", str(file), "--folder", str(tree), "--out", str(tmp_path / "o"), "--num-workers", "0", "--cpu"]
-    )
+    argv = ["--checkpoint", str(file), "--folder", str(tree), "--num-workers", "0", "--cpu"]
+    message = _one_line_exit([*argv, "--out", str(tmp_path / "o"), "--strict"])
+    assert str(broken) in message and "1 of 97 images" in message and not (tmp_path / "o").exists()
     wrong = tmp_path / "config.yaml"
     wrong.write_text("model: {}\n")
     assert str(wrong) in _one_line_exit(

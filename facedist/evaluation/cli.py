@@ -12,7 +12,9 @@ With --ijb: IJB-B/C 1:1 TAR@FAR from the released files (facedist.evaluation.ijb
 OUT/roc.png and OUT/<name>_scores.npz.
 Otherwise writes into --out what facedist.evaluation.report writes (metrics.json, roc.png, pr.png, score histogram,
 t-SNE, TensorBoard under --out/tensorboard), and `<checkpoint_dir>/thresholds.json`: the cosine
-thresholds at each resolvable FAR, which facedist-compare uses. Launch with `accelerate launch -m
+thresholds at each resolvable FAR, which facedist-compare uses. Images that cannot be embedded (unreadable,
+too small, no face under --align) are left out and listed with their reason in --out/skipped.json;
+`--strict` exits 1 and writes nothing instead. Launch with `accelerate launch -m
 facedist.evaluation.cli ...` to split the embedding across processes (the report is made on the main one).
 """
 
@@ -27,6 +29,7 @@ import numpy as np
 
 from facedist import distributed
 from facedist.checkpoint import CheckpointError, load_embedding_model
+from facedist.cli_common import DefaultsHelpFormatter, add_embedding_options
 from facedist.data.shards import ShardError
 from facedist.durable import write_atomic
 from facedist.inference import (
@@ -37,9 +40,14 @@ from facedist.inference import (
     embed_dataset,
     flip_default,
     list_images,
+    refuse_skipped,
+    shown_path,
+    skipped_summary,
+    write_skipped_report,
 )
 
 THRESHOLDS_FILE = "thresholds.json"
+SKIPPED_FILE = "skipped.json"
 
 
 class PairsError(ValueError):
@@ -105,30 +113,37 @@ def write_thresholds(checkpoint_dir: Path, metrics: dict, source: str, flip: boo
     return path
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="facedist-eval", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="facedist-eval", description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
+    )
     parser.add_argument(
         "--checkpoint", required=True, help="checkpoint dir, training output_dir (latest) or model.safetensors"
     )
     source = parser.add_argument_group("data (one of --shards, --folder, --pairs with --folder, --bin, --ijb)")
     source.add_argument("--shards", help="shard folder (facedist-shards build)")
-    source.add_argument("--split", default="test", help="shard split (default: test)")
-    source.add_argument("--folder", help="identity-folder tree DIR/<identity>/<image>, or the image root of --pairs")
+    source.add_argument("--split", default="test", help="shard split")
+    source.add_argument(
+        "--folder",
+        help="identity-folder tree DIR/<identity>/<image> (symbolic links followed), or the image root of --pairs",
+    )
     source.add_argument("--pairs", help="LFW-style pairs.txt; images at FOLDER/NAME/NAME_0001.jpg")
     source.add_argument("--bin", action="append", default=[], help="InsightFace verification set (lfw.bin); repeatable")
     source.add_argument("--ijb", help="IJB-B/C folder as released (meta/, loose_crop/)")
     source.add_argument("--ijb-name", choices=("IJBB", "IJBC"), default="IJBC", help="which IJB set --ijb holds")
     parser.add_argument("--out", required=True, help="folder for metrics.json, plots and TensorBoard")
-    parser.add_argument(
-        "--flip",
-        action=argparse.BooleanOptionalAction,
-        help="flip test-time augmentation (default: as the checkpoint records, eval.flip)",
-    )
-    parser.add_argument("--align", action="store_true", help="detect and align faces first (raw photos)")
     parser.add_argument("--tsne", action="store_true", help="also plot a t-SNE of the embeddings")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help=f"exit 1 and write nothing when any image cannot be embedded (else listed in OUT/{SKIPPED_FILE})",
+    )
+    add_embedding_options(parser)
+    return parser
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if sum(map(bool, (args.shards, args.folder, args.bin, args.ijb))) != 1:
         parser.error(
@@ -143,7 +158,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _dataset(args, preprocessing: dict):
-    """(ImageDataset, labels per item, pairs or None, description of the data)."""
+    """(ImageDataset, labels per item, pairs or None, description of the data); the dataset's names say
+    which image each item is (file paths, or shard samples)."""
     if args.shards:
         from facedist.data.index import ShardIndex
 
@@ -158,7 +174,7 @@ def _dataset(args, preprocessing: dict):
     if args.pairs:
         paths, identities, index_a, index_b, same = read_pairs(args.pairs, args.folder)
         pairs = (index_a, index_b, same)
-        description = f"pairs {args.pairs} (images {args.folder})"
+        description = f"pairs {shown_path(args.pairs)} (images {shown_path(args.folder)})"
     else:
         paths, identities = list_images(args.folder)
         loose = [p for p, identity in zip(paths, identities) if not identity]
@@ -166,9 +182,10 @@ def _dataset(args, preprocessing: dict):
             raise ImageError(
                 f"--folder {args.folder}: {loose[0]} is not inside an identity folder (DIR/<identity>/<image>)"
             )
-        pairs, description = None, f"folder {args.folder}"
+        pairs, description = None, f"folder {shown_path(args.folder)}"
     labels = np.unique(np.array(identities), return_inverse=True)[1].astype(np.int64)
-    return ImageDataset(paths, preprocessing, align=args.align), labels, pairs, description
+    dataset = ImageDataset(paths, preprocessing, align=args.align, names=paths, min_size=args.min_size)
+    return dataset, labels, pairs, description
 
 
 def _keep_pairs(pairs, kept: np.ndarray, total: int):
@@ -226,16 +243,16 @@ def evaluate_ijb(args: argparse.Namespace, device) -> dict | None:
 
 def evaluate(args: argparse.Namespace, device) -> dict | None:
     """Embed on every rank; on the main rank make the report and store thresholds. Returns the metrics there."""
-    from facedist.evaluation.report import evaluate_embeddings
+    from facedist.evaluation.report import evaluate_embeddings, summary_line
 
     model, preprocessing, checkpoint_dir = load_embedding_model(args.checkpoint, device)
     dataset, labels, pairs, description = _dataset(args, preprocessing)
     flip = flip_default(args.flip, preprocessing)
-    result = embed_dataset(model, dataset, args.batch_size, flip, args.num_workers, progress=True)
+    result = embed_dataset(model, dataset, args.batch_size, flip, args.num_workers, progress=True, skip_unreadable=True)
     if distributed.rank() != 0:
         return None
-    for message in result.skipped:
-        print(f"facedist-eval: skipped: {message}", file=sys.stderr)
+    if args.strict:
+        refuse_skipped(result.skipped, len(dataset))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from torch.utils.tensorboard import SummaryWriter
@@ -250,8 +267,11 @@ def evaluate(args: argparse.Namespace, device) -> dict | None:
             tsne=args.tsne,
         )
     thresholds = write_thresholds(checkpoint_dir, metrics, description, flip, args.align)
+    write_skipped_report(out / SKIPPED_FILE, result.skipped, dataset.names, len(dataset))
+    listed = f", listed in {out / SKIPPED_FILE}" if result.skipped else ""
+    print(f"facedist-eval: {description}: {summary_line(metrics)}")
     print(
-        f"facedist-eval: {description}: {len(result.indices)} images embedded, {len(result.skipped)} skipped; "
+        f"facedist-eval: {len(result.indices)} images embedded, {skipped_summary(result.skipped)}{listed}; "
         f"report in {out}, thresholds in {thresholds}"
     )
     return metrics

@@ -43,6 +43,19 @@ def _scalars(metrics: dict) -> dict[str, float]:
     return {name: value for name, value in scalars.items() if value is not None}
 
 
+def summary_line(metrics: dict) -> str:
+    """The headline numbers of `evaluate_embeddings`' metrics in one line (TAR only at resolvable FARs)."""
+    resolved = [far for far, threshold in metrics["thresholds_at_far"].items() if threshold is not None]
+    tar = ", ".join(f"{far} {metrics['tar_at_far'][far]:.4f}" for far in resolved) or "- (too few impostor pairs)"
+    rank1 = (metrics.get("cmc") or {}).get("rank1")
+    return (
+        f"AUC {metrics['auc']:.4f}, EER {metrics['eer']:.4f}, TAR@FAR {tar}"
+        + (f", rank-1 {rank1:.4f}" if rank1 is not None else "")
+        + f" ({metrics['num_images']} images, {metrics['num_identities']} identities, "
+        f"{metrics['num_genuine']} genuine + {metrics['num_impostor']} impostor pairs)"
+    )
+
+
 def _figures(metrics: dict, pr: dict, embeddings, labels, tsne: bool, seed: int) -> dict:
     figures = {
         "roc": plots.roc_figure(metrics["roc"], metrics["tar_at_far"], metrics["num_impostor"]),
@@ -123,23 +136,33 @@ def evaluate_embeddings(
     labels_cpu = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels)
     metrics["num_images"], metrics["num_identities"] = len(labels_cpu), len(np.unique(labels_cpu))
 
-    if out_dir is None and tb_writer is None:
-        return metrics
-    embeddings_cpu = (embeddings.detach().cpu() if torch.is_tensor(embeddings) else torch.as_tensor(embeddings)).float()
-    figures = _figures(metrics, pr, embeddings_cpu.numpy(), labels_cpu, tsne, seed)
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
-        for name, figure in figures.items():
-            plots.save_figure(figure, out_dir / f"{name}.png")
-    if tb_writer is not None:
-        for name, value in _scalars(metrics).items():
-            tb_writer.add_scalar(f"{tag}/{name}", value, step)
-        for name, figure in figures.items():
-            tb_writer.add_figure(f"{tag}/{name}", figure, step, close=False)
-        if projector_points > 0:  # the same seeded subset at every call on the same data
-            keep = np.sort(np.random.default_rng(seed).permutation(len(labels_cpu))[:projector_points])
-            tb_writer.add_embedding(embeddings_cpu[keep], metadata=labels_cpu[keep].tolist(), global_step=step, tag=tag)
-        tb_writer.flush()
+    if out_dir is not None or tb_writer is not None:
+        embeddings_cpu = (
+            embeddings.detach().cpu() if torch.is_tensor(embeddings) else torch.as_tensor(embeddings)
+        ).float()
+        figures = _figures(metrics, pr, embeddings_cpu.numpy(), labels_cpu, tsne, seed)
+        if out_dir is not None:
+            _write_files(metrics, figures, Path(out_dir))
+        if tb_writer is not None:
+            _log_tensorboard(tb_writer, metrics, figures, embeddings_cpu, labels_cpu, step, tag, projector_points, seed)
     return metrics
+
+
+def _write_files(metrics: dict, figures: dict, out_dir: Path) -> None:
+    """metrics.json (atomically) and one PNG per figure."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
+    for name, figure in figures.items():
+        plots.save_figure(figure, out_dir / f"{name}.png")
+
+
+def _log_tensorboard(writer, metrics, figures, embeddings, labels, step, tag, projector_points, seed) -> None:
+    """Scalars, figures and a seeded subset of the embeddings (the projector) under `tag/` at `step`."""
+    for name, value in _scalars(metrics).items():
+        writer.add_scalar(f"{tag}/{name}", value, step)
+    for name, figure in figures.items():
+        writer.add_figure(f"{tag}/{name}", figure, step, close=False)
+    if projector_points > 0:  # the same seeded subset at every call on the same data
+        keep = np.sort(np.random.default_rng(seed).permutation(len(labels))[:projector_points])
+        writer.add_embedding(embeddings[keep], metadata=labels[keep].tolist(), global_step=step, tag=tag)
+    writer.flush()
