@@ -1,4 +1,14 @@
-"""Shared pytest fixtures: small synthetic identity trees and shard folders built from them."""
+"""Shared pytest fixtures (small synthetic identity trees, shard folders built from them, the tiny model's
+overrides) and the split of the suite into a fast unit part and an integration part.
+
+    pytest -m "not integration"   the unit part, for an inner loop: at most 5 minutes on 2 cores
+    pytest -m integration         the rest: trainings and CLIs run end to end in subprocesses, several processes
+                                  (gloo), Slurm, DeepSpeed ZeRO
+    pytest                        everything (the README's test command, which .ci/run calls)
+
+A test is integration when it is marked `slow` or `distributed`, when its module is in INTEGRATION_MODULES, or
+when it is marked `integration` itself (a test that takes more than about 10 s or starts a CLI in a subprocess).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +19,9 @@ import facedist  # noqa: F401  (torchvision compat before anything imports it)
 from facedist.data.shards import BuildOptions, build
 from facedist.data.synth import write_synthetic_tree
 
+# Modules whose every test runs the trainer end to end; unit tests of the trainer's parts belong elsewhere
+INTEGRATION_MODULES = {"test_train.py", "test_zero.py", "test_slurm.py", "test_demo.py"}
+INTEGRATION_MARKERS = ("slow", "distributed")
 SYNTH_IDENTITIES = 16
 SYNTH_IMAGES_PER_IDENTITY = 6
 SYNTH_SIZE = 32
@@ -36,3 +49,10 @@ def synth_shards(synth_tree, tmp_path_factory):
 def tiny_model_overrides():
     """The config overrides that make a training run's model tiny (resnet10t, 16-d embeddings, 32 px)."""
     return list(TINY_MODEL_OVERRIDES)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in INTEGRATION_MODULES or any(item.get_closest_marker(m) for m in INTEGRATION_MARKERS):
+            item.add_marker(pytest.mark.integration)
