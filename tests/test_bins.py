@@ -199,6 +199,7 @@ def test_facedist_eval_refuses_an_unsafe_bin_in_one_line(tiny, tmp_path):
     assert "refused to load" in str(err.value.code) and not (tmp_path / "x").exists()
 
 
+@pytest.mark.integration
 def test_training_logs_bin_accuracy_and_keeps_the_best(synth_shards, synth_tree, tiny_model_overrides, tmp_path):
     bins.write_bin_from_folder(synth_tree, tmp_path / "lfw.bin", num_pairs=20, seed=0)
     out = tmp_path / "run"

@@ -60,6 +60,7 @@ def test_partial_checkpoint_is_ignored(tmp_path):
     assert not partial.exists() and latest_checkpoint(tmp_path).name == "step_00000004"
 
 
+@pytest.mark.integration
 def test_kill_during_write_leaves_previous_checkpoint_usable(tmp_path):
     _save(_writer(tmp_path), 2)
     script = textwrap.dedent(f"""

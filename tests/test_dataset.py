@@ -101,7 +101,7 @@ def test_un_augmented_training_batch_is_the_eval_tensor():
     torch.testing.assert_close(images, torch.stack([dataset[3][0], dataset[5][0]]), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.integration)])
 def test_train_loader_same_tensors_for_any_workers_and_world_size(workers):
     index = FakeIndex()
     single = make_train_loader(
@@ -151,6 +151,7 @@ def test_eval_loader_covers_each_sample_once(world):
     assert limited == list(range(7))
 
 
+@pytest.mark.integration
 def test_real_shards_train_and_eval(synth_shards):
     train, val = ShardIndex(synth_shards, "train"), ShardIndex(synth_shards, "val")
     prep = {**PREP, "image_size": train.image_size}
@@ -234,6 +235,7 @@ def _gone(pid: int, timeout: float = 15.0) -> bool:
 
 
 @pytest.mark.parametrize("kind", ["train", "eval"])
+@pytest.mark.integration
 def test_loader_workers_and_fork_server_survive_stop_signals_and_end_with_the_loader(synth_shards, kind):
     """Slurm signals every process of a step: the workers and their fork server must go on; shutdown ends them."""
     if kind == "train":
@@ -283,6 +285,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+@pytest.mark.integration
 def test_workers_exit_when_the_trainer_dies(synth_shards):
     proc = subprocess.run(
         [sys.executable, "-c", _ORPHAN.format(PREP=PREP), str(synth_shards)],

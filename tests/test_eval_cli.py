@@ -87,6 +87,7 @@ def test_bad_pairs_file_names_the_line(tmp_path, body, fragment):
         read_pairs(pairs, root)
 
 
+@pytest.mark.integration
 def test_eval_folder_end_to_end(tiny32, synth_tree, tmp_path):
     _, _, file = tiny32
     out = tmp_path / "report"
@@ -108,6 +109,7 @@ def test_eval_folder_end_to_end(tiny32, synth_tree, tmp_path):
     assert thresholds["flip"] is False and str(synth_tree) in thresholds["source"]
 
 
+@pytest.mark.integration
 def test_eval_shards_and_image_size_mismatch(tiny32, synth_shards, tmp_path, capsys):
     _, _, file = tiny32
     main(
@@ -171,6 +173,7 @@ def test_eval_folder_with_junk_evaluates_the_rest_and_lists_it(tiny32, synth_tre
     assert "96 images embedded, 2 images skipped" in out and "object at 0x" not in out
 
 
+@pytest.mark.integration
 def test_eval_pairs_end_to_end(tiny32, tmp_path):
     _, _, file = tiny32
     root = _lfw_tree(tmp_path / "lfw", {f"P{k}": 4 for k in range(6)})
@@ -229,6 +232,7 @@ def test_eval_bad_inputs_are_one_line(tiny32, synth_tree, tmp_path):
 
 
 @pytest.mark.skipif(not ORL.is_dir(), reason="ORL faces not present at ../shared/data/orl_faces")
+@pytest.mark.integration
 def test_eval_orl_end_to_end_writes_every_output(tmp_path):
     _, _, file = save_tiny_model(tmp_path / "run", image_size=64)
     out = tmp_path / "orl"

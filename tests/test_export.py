@@ -30,6 +30,7 @@ def exported(tmp_path_factory):
     return model, pre, file, root
 
 
+@pytest.mark.integration
 def test_onnx_matches_pytorch_for_any_batch_size(exported):
     model, pre, _, root = exported
     session = ort.InferenceSession(str(root / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -48,6 +49,7 @@ def test_onnx_metadata_records_preprocessing(exported):
     assert json.loads(props["facedist"])["config"]["model"]["embedding_dim"] == 32
 
 
+@pytest.mark.integration
 def test_safetensors_holds_evaluation_weights_and_reloads(exported):
     model, pre, file, root = exported
     out = root / "out.safetensors"
@@ -75,6 +77,7 @@ def test_export_of_wrong_checkpoint_is_one_line(tmp_path):
     [{"input_norm": "retinex"}, {"input_norm": "equalize"}, {"neck": "gdc", "input_scale": 1.5}],
     ids=["retinex", "equalize", "gdc_scaled"],
 )
+@pytest.mark.integration
 def test_model_options_travel_with_the_checkpoint_and_the_onnx_export(tmp_path, model_keys):
     """model.input_norm, neck and input_scale are part of the model: reloading (facedist-embed/-eval/-compare)
     and ONNX apply them."""

@@ -92,6 +92,7 @@ def _reference(root, forward, model, pre):
     return pairs[:, 2], scores
 
 
+@pytest.mark.integration
 def test_ijb_protocol_equals_a_direct_numpy_computation(tiny, ijb_tree, tmp_path):
     model, pre, _ = tiny
     root, forward = ijb_tree

@@ -146,6 +146,7 @@ def test_embed_writes_every_image_and_its_exact_file_name(tiny, faces, tmp_path,
     np.testing.assert_allclose(vectors, expected, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_embed_and_compare_flip_as_the_checkpoint_records_unless_told(faces, tmp_path, capsys):
     model, pre, file = save_tiny_model(tmp_path / "run", flip=True)  # trained with eval.flip=true
     paths = sorted(faces.rglob("*.png"))
@@ -169,6 +170,7 @@ def test_embed_rejects_unknown_format(tiny, faces, tmp_path):
     assert err.value.code == 2 and not (tmp_path / "e.csv").exists()
 
 
+@pytest.mark.integration
 def test_console_script_exits_nonzero_with_one_line(tmp_path):
     script = Path(sys.executable).parent / "facedist-compare"
     if not script.exists():

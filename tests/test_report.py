@@ -34,6 +34,7 @@ def _embeddings(n_ids=40, per_id=5, dim=16, signal=1.5, seed=0):
     ), labels
 
 
+@pytest.mark.integration
 def test_report_writes_every_output(tmp_path):
     emb, labels = _embeddings()
     out = tmp_path / "report"
