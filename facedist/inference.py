@@ -12,7 +12,7 @@ process would compute.
 
 Images that cannot be used (unreadable, below `min_size` pixels on the shorter side, no face found under
 `align`) are returned as `Skipped` records with their reason; the command lines write the rest and list
-those in a report (`write_skipped_report`), or refuse with `--strict`. Folders are walked as the shard
+those in a report, or refuse with `--strict` (`account_for_skipped`). Folders are walked as the shard
 builder walks them (facedist.data.folders: symbolic links followed, each real folder once).
 
 File names are bytes on Linux and need not be UTF-8; every name facedist writes can be found again byte
@@ -41,11 +41,11 @@ from tqdm import tqdm
 from facedist import distributed
 from facedist.data.dataset import loader_kwargs, normalise, warn_if_resized
 from facedist.data.folders import iter_identity_images, name_fields
-from facedist.data.shards import decode_rgb, square_resize
+from facedist.data.shards import BuildOptions, decode_rgb, square_resize
 from facedist.durable import write_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff")
-MIN_IMAGE_SIZE = 16  # px on the shorter side, as facedist-shards build --min-size: smaller is no face photo
+MIN_IMAGE_SIZE = BuildOptions.min_size  # px on the shorter side: the shards' --min-size, one rule for both
 
 
 class ImageError(ValueError):
@@ -81,7 +81,8 @@ def load_image(source: str | Path | bytes, name: str | None = None, min_size: in
     try:  # the shard builder's decoder: EXIF orientation applied, 16-bit greyscale rescaled, as in the shards
         image = decode_rgb(data)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ImageError(f"{name}: {_decode_failure(err)}", _decode_failure(err)) from err
+        reason = _decode_failure(err)
+        raise ImageError(f"{name}: {reason}", reason) from err
     if min(image.size) < min_size:
         reason = f"image is {image.width}x{image.height} px, below the {min_size} px minimum (--min-size)"
         raise ImageError(f"{name}: {reason}", reason)
@@ -113,7 +114,7 @@ class ImageDataset(Dataset):
 
     Problems are returned, not raised, so that a worker process or one rank never dies alone: `problem`
     says why image i is left out (`image_name(i)` names it); `fatal` (unreadable or too small) aborts
-    embed_dataset unless it skips unreadable images, a face not found under `align` is always skipped.
+    embed_dataset unless it skips unusable images, a face not found under `align` is always skipped.
     """
 
     def __init__(
@@ -121,7 +122,7 @@ class ImageDataset(Dataset):
         sources: Sequence[str | Path | bytes],
         preprocessing: dict,
         align: bool = False,
-        names: Sequence[str] | None = None,
+        names: Sequence[str | Path] | None = None,
         min_size: int = 0,
     ):
         self.sources, self.preprocessing, self.align, self.names = sources, preprocessing, align, names
@@ -203,7 +204,7 @@ class Skipped:
     index: int  # position in the dataset
     name: str  # the image's name ("" where the dataset gives none: then the reason names it)
     reason: str  # e.g. "not an image (Pillow cannot identify it)", "no face found (--align)"
-    fatal: bool  # unreadable or too small (a face not found is not fatal)
+    unusable: bool  # unreadable or too small (an image without a face is not)
 
     def __str__(self) -> str:
         return f"{self.name}: {self.reason}" if self.name else self.reason
@@ -232,13 +233,13 @@ def embed_dataset(
     num_workers: int = 0,
     progress: bool = False,
     normalize: bool = True,
-    skip_unreadable: bool = False,
+    skip_unusable: bool = False,
 ) -> Embeddings:
     """Embed every item of `dataset` (split across ranks when distributed; all ranks get all rows;
     `normalize=False`: the model's outputs as they are, e.g. for IJB's faceness-weighted templates).
 
-    Raises ImageError (on every rank) when an image could not be read, unless `skip_unreadable`: then it
-    is one of the `skipped`, as images without a face always are.
+    Raises ImageError (on every rank) when an image is unusable (unreadable, too small), unless
+    `skip_unusable`: then it is one of the `skipped`, as images without a face always are.
     """
     device = next(model.parameters()).device
     mine = np.array_split(np.arange(len(dataset)), distributed.world_size())[distributed.rank()]
@@ -260,10 +261,10 @@ def embed_dataset(
     all_indices = distributed.gather_rows(local_indices).cpu().numpy().astype(np.int64)
     name = getattr(dataset, "image_name", lambda i: "")  # other datasets' problems name their image
     skipped = [Skipped(i, name(i), message, fatal) for i, message, fatal in sorted(_all_gather_lists(problems))]
-    unreadable = [s for s in skipped if s.fatal]
-    if unreadable and not skip_unreadable:
-        more = f" ({len(unreadable)} unusable images in all)" if len(unreadable) > 1 else ""
-        raise ImageError(f"{unreadable[0]}{more}")
+    unusable = [s for s in skipped if s.unusable]
+    if unusable and not skip_unusable:
+        more = f" ({len(unusable)} unusable images in all)" if len(unusable) > 1 else ""
+        raise ImageError(f"{unusable[0]}{more}")
     return Embeddings(all_vectors, all_indices, skipped)
 
 
@@ -277,36 +278,44 @@ def embed_paths(
     num_workers: int = 0,
     progress: bool = False,
     min_size: int = MIN_IMAGE_SIZE,
-    skip_unreadable: bool = False,
+    skip_unusable: bool = False,
 ) -> Embeddings:
     """Embeddings of image files (see embed_dataset); with `align`, images without a face are skipped."""
     dataset = ImageDataset(list(paths), preprocessing, align=align, min_size=min_size)
-    return embed_dataset(model, dataset, batch_size, flip, num_workers, progress, skip_unreadable=skip_unreadable)
+    return embed_dataset(model, dataset, batch_size, flip, num_workers, progress, skip_unusable=skip_unusable)
 
 
-def skipped_summary(skipped: list[Skipped]) -> str:
+def account_for_skipped(skipped: list[Skipped], names: Sequence[str | Path], report: Path, strict: bool) -> str:
+    """What a command line does with the images it left out: with `strict` refuse (ImageError, nothing
+    written); else list them in the JSON file `report` (a stale one removed when none was left out) and
+    refuse when no image is left. Returns the summary, e.g. '3 images skipped (...), listed in REPORT'."""
+    if strict and skipped:
+        raise ImageError(
+            f"{len(skipped)} of {len(names)} images cannot be embedded, nothing written (--strict; without it the "
+            f"rest is written and every skipped image listed); the first: {skipped[0]}"
+        )
+    write_skipped_report(report, skipped, names)
+    listed = f", listed in {shown_path(report)}" if skipped else ""
+    if len(skipped) == len(names):
+        raise ImageError(f"none of the {len(names)} images can be embedded{listed}")
+    return _skipped_summary(skipped) + listed
+
+
+def _skipped_summary(skipped: list[Skipped]) -> str:
     """'3 images skipped (2 unreadable or too small, 1 without a face)' or '0 images skipped'."""
-    unusable = sum(s.fatal for s in skipped)
+    unusable = sum(s.unusable for s in skipped)
     parts = [f"{unusable} unreadable or too small"] * bool(unusable)
     parts += [f"{len(skipped) - unusable} without a face"] * bool(len(skipped) - unusable)
     return f"{len(skipped)} images skipped" + (f" ({', '.join(parts)})" if parts else "")
 
 
-def refuse_skipped(skipped: list[Skipped], total: int) -> None:
-    """--strict: ImageError naming the first image left out, when any is."""
-    if skipped:
-        raise ImageError(
-            f"{len(skipped)} of {total} images cannot be embedded, nothing written (--strict; without it the rest is "
-            f"written and every skipped image listed); the first: {skipped[0]}"
-        )
-
-
-def write_skipped_report(path: Path, skipped: list[Skipped], names: Sequence[str | Path], total: int) -> None:
+def write_skipped_report(path: Path, skipped: list[Skipped], names: Sequence[str | Path]) -> None:
     """List every skipped image with its reason in the JSON file `path` (path rule: module docstring);
     without skipped images, remove a report a previous run left there."""
     if not skipped:
         path.unlink(missing_ok=True)
         return
     entries = [{**name_fields(names[s.index]), "reason": s.reason} for s in skipped]
-    report = {"images": total, "embedded": total - len(skipped), "skipped": entries}
+    report = {"images": len(names), "embedded": len(names) - len(skipped), "skipped": entries}
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1, ensure_ascii=False)))

@@ -35,13 +35,11 @@ from facedist.evaluation.cli import THRESHOLDS_FILE
 from facedist.evaluation.metrics import far_key
 from facedist.inference import (
     ImageError,
+    account_for_skipped,
     embed_paths,
     flip_default,
     list_images,
-    refuse_skipped,
     shown_path,
-    skipped_summary,
-    write_skipped_report,
 )
 
 EMBEDDING_FORMATS = (".parquet", ".npz")
@@ -185,21 +183,14 @@ def embed(args: argparse.Namespace) -> None:
         args.num_workers,
         progress=True,
         min_size=args.min_size,
-        skip_unreadable=True,
+        skip_unusable=True,
     )
     if distributed.rank() != 0:
         return
-    if args.strict:
-        refuse_skipped(result.skipped, len(paths))
     out.parent.mkdir(parents=True, exist_ok=True)
+    skipped = account_for_skipped(result.skipped, paths, skipped_report_path(out), args.strict)
     write_embeddings(out, result.vectors, [identities[i] for i in result.indices], [paths[i] for i in result.indices])
-    report = skipped_report_path(out)
-    write_skipped_report(report, result.skipped, paths, len(paths))
-    listed = f", listed in {shown_path(report)}" if result.skipped else ""
-    print(
-        f"facedist-embed: {len(result.indices)} embeddings written to {shown_path(out)}; "
-        f"{skipped_summary(result.skipped)}{listed}"
-    )
+    print(f"facedist-embed: {len(result.indices)} embeddings written to {shown_path(out)}; {skipped}")
 
 
 def embed_parser() -> argparse.ArgumentParser:

@@ -266,3 +266,14 @@ def test_embed_follows_linked_identity_folders_without_looping(tiny, faces, tmp_
     texts, _, identities, _ = _read_embeddings(out)
     assert sorted(identities) == ["ann", "ann", "bob", "bob", "cyd", "cyd"]
     assert all(Path(t).resolve().parent.parent == faces.resolve() for t in texts)
+
+
+def test_embed_with_no_usable_image_is_one_line_and_writes_no_embeddings(tiny, tmp_path):
+    _, _, file = tiny
+    (tmp_path / "faces" / "ann").mkdir(parents=True)
+    (tmp_path / "faces" / "ann" / "notes.jpg").write_bytes(b"not an image")
+    out = tmp_path / "emb.npz"
+    argv = ["--checkpoint", str(file), "--folder", str(tmp_path / "faces"), "--out", str(out), "--num-workers", "0"]
+    message = _one_line_exit(argv, embed_main)
+    assert "none of the 1 images" in message and "emb.npz.skipped.json" in message and not out.exists()
+    assert json.loads((tmp_path / "emb.npz.skipped.json").read_text())["skipped"][0]["reason"].startswith("not an")

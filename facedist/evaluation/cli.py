@@ -37,13 +37,11 @@ from facedist.inference import (
     ImageDataset,
     ImageError,
     ShardImages,
+    account_for_skipped,
     embed_dataset,
     flip_default,
     list_images,
-    refuse_skipped,
     shown_path,
-    skipped_summary,
-    write_skipped_report,
 )
 
 THRESHOLDS_FILE = "thresholds.json"
@@ -248,12 +246,11 @@ def evaluate(args: argparse.Namespace, device) -> dict | None:
     model, preprocessing, checkpoint_dir = load_embedding_model(args.checkpoint, device)
     dataset, labels, pairs, description = _dataset(args, preprocessing)
     flip = flip_default(args.flip, preprocessing)
-    result = embed_dataset(model, dataset, args.batch_size, flip, args.num_workers, progress=True, skip_unreadable=True)
+    result = embed_dataset(model, dataset, args.batch_size, flip, args.num_workers, progress=True, skip_unusable=True)
     if distributed.rank() != 0:
         return None
-    if args.strict:
-        refuse_skipped(result.skipped, len(dataset))
     out = Path(args.out)
+    skipped = account_for_skipped(result.skipped, dataset.names, out / SKIPPED_FILE, args.strict)
     out.mkdir(parents=True, exist_ok=True)
     from torch.utils.tensorboard import SummaryWriter
 
@@ -267,12 +264,9 @@ def evaluate(args: argparse.Namespace, device) -> dict | None:
             tsne=args.tsne,
         )
     thresholds = write_thresholds(checkpoint_dir, metrics, description, flip, args.align)
-    write_skipped_report(out / SKIPPED_FILE, result.skipped, dataset.names, len(dataset))
-    listed = f", listed in {out / SKIPPED_FILE}" if result.skipped else ""
     print(f"facedist-eval: {description}: {summary_line(metrics)}")
     print(
-        f"facedist-eval: {len(result.indices)} images embedded, {skipped_summary(result.skipped)}{listed}; "
-        f"report in {out}, thresholds in {thresholds}"
+        f"facedist-eval: {len(result.indices)} images embedded, {skipped}; report in {out}, thresholds in {thresholds}"
     )
     return metrics
 
