@@ -1,6 +1,6 @@
 """Benchmarks that print figures (JSON), never pass/fail.
 
-python -m facedist.bench {shards,train,head,data,eval,model,loss} ...
+python -m facedist.bench {shards,train,head,data,eval,model,loss,align} ...
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ BENCHMARKS = {
     "eval": "1:1 verification: pairs scored per second for 10k and 50k embeddings",
     "model": "parameters and FLOPs/MACs of embedding models (torch's flop counter)",
     "loss": "pair losses over a global batch of 1,024 / 4,096: peak memory and time per rank",
+    "align": "face aligners per core on celeba_299 and ORL: detection rate, images/s, YuNet vs Haar",
 }
 
 
