@@ -318,4 +318,4 @@ def write_skipped_report(path: Path, skipped: list[Skipped], names: Sequence[str
     entries = [{**name_fields(names[s.index]), "reason": s.reason} for s in skipped]
     report = {"images": len(names), "embedded": len(names) - len(skipped), "skipped": entries}
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1, ensure_ascii=False)))
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n"))
