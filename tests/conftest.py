@@ -19,8 +19,9 @@ import facedist  # noqa: F401  (torchvision compat before anything imports it)
 from facedist.data.shards import BuildOptions, build
 from facedist.data.synth import write_synthetic_tree
 
-# Modules whose every test runs the trainer end to end; unit tests of the trainer's parts belong elsewhere
-INTEGRATION_MODULES = {"test_train.py", "test_zero.py", "test_slurm.py", "test_demo.py"}
+# Modules whose tests run the trainer or the head benchmark (2 processes) end to end; unit tests of the
+# trainer's parts belong in other modules
+INTEGRATION_MODULES = {"test_train.py", "test_zero.py", "test_slurm.py", "test_demo.py", "test_bench_head.py"}
 INTEGRATION_MARKERS = ("slow", "distributed")
 SYNTH_IDENTITIES = 16
 SYNTH_IMAGES_PER_IDENTITY = 6

@@ -41,7 +41,6 @@ def rows(tmp_path_factory):
     return {(r["world_size"], r["sample_rate"]): r for r in result["results"]}
 
 
-@pytest.mark.integration
 def test_head_state_per_rank_is_proportional_to_classes_over_ranks(rows):
     assert rows[1, 1.0]["rows_per_rank"] == 30001 and rows[2, 1.0]["rows_per_rank"] == 15001
     assert rows[2, 1.0]["state_mb_per_rank"] == pytest.approx(
