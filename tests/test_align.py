@@ -149,6 +149,12 @@ def test_shards_build_align_stores_aligned_crops_and_reports_images_without_a_fa
     assert report["skipped_files"] == [{"path": "s1/flat.png", "reason": "no face found (--align)"}]
     index = ShardIndex(out, "train")
     assert index.num_samples == 20
+    chosen = json.loads((out / "align.json").read_text())["images"]  # the face taken from each stored photo
+    assert [row["path"] for row in chosen] == sorted(str(p.relative_to(src)) for p in src.glob("*/*.pgm"))
+    for row in chosen:
+        x, y, w, h = row["box"]
+        assert row["faces"] == 1 and row["score"] >= align.SCORE_THRESHOLD and 0 <= x < x + w <= 92 + 1
+        assert all(x <= px <= x + w and y <= py <= y + h for px, py in row["landmarks"])
     aligner = FaceAligner(64)
     for i in (0, 13):  # the stored image is the aligned crop of its source, not a centre square
         stored = Image.open(io.BytesIO(index.read_image_bytes(i)))

@@ -2,8 +2,9 @@
 
 The build runs in three passes: check every candidate image (plan.py), plan the splits and labels, then
 convert (decode, square or align, resize, encode; in worker processes) and write the tars (tar.py),
-then each split's index, report.json and, last, manifest.json, which marks the build complete. A build
-where no image survives writes report.json and no manifest, and fails with one line saying why.
+then each split's index, report.json, with --align align.json (the face taken from each photo), and, last,
+manifest.json, which marks the build complete. A build where no image survives writes report.json and no
+manifest, and fails with one line saying why.
 
 Determinism: files are processed in a fixed order, workers only decode/resize/encode (results come back
 in order through `Pool.imap`), the main process writes the tars, and the split choice depends on `--seed`
@@ -164,7 +165,7 @@ def build(src: str | Path, out: str | Path, options: BuildOptions, workers: int 
 
 
 def _check_files(pool, src: Path, scan: SourceScan, options: BuildOptions, progress: bool) -> dict[str, tuple]:
-    """`check_file` of every candidate (in `pool`): relpath -> (sha256, [w, h], reason)."""
+    """`check_file` of every candidate (in `pool`): relpath -> (sha256, [w, h], reason, face)."""
     from tqdm import tqdm
 
     files = [p for paths in scan.identities.values() for p in paths]
@@ -223,7 +224,7 @@ def _finish(
     fingerprint: str,
     image_locations: dict[str, list[tuple[int, int, int]]],
 ) -> dict:
-    """Write each split's index, then report.json and (last) manifest.json."""
+    """Write each split's index, then report.json, align.json (--align) and (last) manifest.json."""
     splits = {}
     for split, samples in plan.splits.items():
         rows = np.zeros(len(samples), dtype=INDEX_DTYPE)
@@ -259,6 +260,8 @@ def _finish(
         "build_fingerprint": fingerprint,
     }
     write_json_atomic(out / "report.json", plan.report)
+    if options.align:
+        write_json_atomic(out / "align.json", plan.align_report())
     write_json_atomic(out / "manifest.json", manifest)
     (out / BUILD_STATE).unlink(missing_ok=True)
     return manifest

@@ -2,7 +2,8 @@
 
 Every candidate image is decoded once in the check pass (`check_file`, run in worker processes): it must
 decode fully (Pillow, EXIF orientation applied), have a shorter side of at least `--min-size` px and,
-with `--align`, a detectable face. `make_plan` then drops repeats within an identity (same sha256),
+with `--align`, a detectable face (the largest of the photo's is taken; which one, and how many there
+were, is kept for OUT/align.json). `make_plan` then drops repeats within an identity (same sha256),
 identities with fewer than `--min-images` usable images, draws the val/test identities with `--seed`,
 and labels each split 0..C-1 in identity-name order, samples sorted by label, then source path. Every
 file left out is in the plan's report with its reason. The default `--min-size` of 16 px rejects
@@ -15,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -78,27 +79,40 @@ def split_count(spec: str, available: int, flag: str) -> int:
     return count
 
 
-def check_file(path: str | tuple, align_size: int = 0) -> tuple[str | None, list[int] | None, str | None]:
-    """(sha256, [w, h], None) for a readable image (with a face when `align_size` > 0), else (None, None, reason)."""
+def check_file(path: str | tuple, align_size: int = 0) -> tuple[str | None, list[int] | None, str | None, dict | None]:
+    """(sha256, [w, h], None, face) for a readable image, else (None, None, reason, None). With `align_size` > 0
+    the image must hold a face, and `face` records the one aligned (`face_record`); without, it is None."""
     try:
         data = read_source(path)
     except OSError as error:
-        return None, None, f"unreadable ({error.strerror})"
+        return None, None, f"unreadable ({error.strerror})", None
     if not data:
-        return None, None, "zero-byte file"
+        return None, None, "zero-byte file", None
     try:
         image = decode_rgb(data)
     except Exception as error:  # Pillow raises many types for bad data; every one means "skip this file"
-        return None, None, failure_reason(error)
+        return None, None, failure_reason(error), None
     original_size = list(image.size)  # as displayed, i.e. after EXIF orientation
+    face = None
     if align_size:
         from facedist.align import NoFaceError
 
         try:
-            face_aligner(align_size).align(image, path)
+            face = face_record(face_aligner(align_size).align(image, path))
         except NoFaceError:
-            return None, None, "no face found (--align)"
-    return hashlib.sha256(data).hexdigest(), original_size, None
+            return None, None, "no face found (--align)", None
+    return hashlib.sha256(data).hexdigest(), original_size, None, face
+
+
+def face_record(aligned) -> dict:
+    """What align.json keeps of an `AlignedFace`: faces found, and the chosen one's box, score and landmarks
+    (source pixels, after EXIF orientation)."""
+    return {
+        "faces": aligned.num_faces,
+        "box": [round(float(v), 1) for v in aligned.face.box],
+        "score": round(aligned.face.score, 4),
+        "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in aligned.face.landmarks],
+    }
 
 
 @dataclass(frozen=True)
@@ -120,6 +134,16 @@ class Plan:
     classes: dict[str, list[str]]
     report: dict
     usable_images: dict[str, int]  # per identity folder read, before --min-images
+    faces: dict[str, dict] = field(default_factory=dict)  # --align: source relpath -> face_record
+
+    def align_report(self) -> dict:
+        """OUT/align.json: every stored image in split order, with its faces found and the face aligned."""
+        images = [
+            {"path": s.source, "split": split, **self.faces[s.source]}
+            for split in self.splits
+            for s in self.splits[split]
+        ]
+        return {"format_version": FORMAT_VERSION, "rule": "the largest face (box area) is aligned", "images": images}
 
     def why_empty(self, options: BuildOptions) -> str:
         """Why no image survived, as a clause for the build's one-line error."""
@@ -147,7 +171,7 @@ def _usable_images(scan: SourceScan, checks: dict[str, tuple], options: BuildOpt
         first_by_sha: dict[str, str] = {}
         good = []
         for relpath in files:
-            sha, original_size, reason = checks[relpath]
+            sha, original_size, reason, _ = checks[relpath]
             if reason is None and min(original_size) < options.min_size:
                 w, h = original_size
                 reason = f"too small ({w}x{h} px, shorter side < --min-size {options.min_size})"
@@ -225,4 +249,5 @@ def make_plan(scan: SourceScan, checks: dict[str, tuple], options: BuildOptions)
             for label, name in enumerate(split_names)
             for relpath, sha, original_size in kept[name]
         ]
-    return Plan(splits, classes, report, {identity: len(good) for identity, good in usable.items()})
+    faces = {s.source: checks[s.source][3] for samples in splits.values() for s in samples if checks[s.source][3]}
+    return Plan(splits, classes, report, {identity: len(good) for identity, good in usable.items()}, faces)
