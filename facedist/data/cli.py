@@ -8,6 +8,7 @@ import functools
 import os
 import sys
 
+from facedist.align import AlignerMissingError, require_aligner
 from facedist.cli_common import DefaultsHelpFormatter
 from facedist.data.shards import IMAGE_FORMATS, BuildOptions, ShardError, build, info, verify
 
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `facedist-shards` console script."""
     args = _parser().parse_args(argv)
     try:
+        if getattr(args, "align", False):
+            require_aligner()
         if args.command == "synth":
             from facedist.data.synth import write_synthetic_tree
 
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             _bin(args)
         else:
             print(info(args.out))
-    except (ShardError, ValueError) as error:
+    except (ShardError, ValueError, AlignerMissingError) as error:
         print(f"facedist-shards {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from facedist import distributed
+from facedist.align import AlignerMissingError, require_aligner
 from facedist.checkpoint import CheckpointError, load_embedding_model
 from facedist.cli_common import DefaultsHelpFormatter, add_embedding_options
 from facedist.data.shards import ShardError
@@ -277,8 +278,11 @@ def main(argv: list[str] | None = None) -> int:
 
     state = PartialState(cpu=args.cpu)  # joins the process group when run under accelerate launch
     try:
+        if args.align:
+            require_aligner()
         (evaluate_bins if args.bin else evaluate_ijb if args.ijb else evaluate)(args, state.device)
-    except (CheckpointError, ImageError, ShardError, PairsError, ValueError) as err:  # ValueError: unusable data
+    except (CheckpointError, ImageError, ShardError, PairsError, ValueError, AlignerMissingError) as err:
+        # ValueError: unusable data
         raise SystemExit(f"facedist-eval: {err}") from None
     finally:
         distributed.barrier()
