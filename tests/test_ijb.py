@@ -1,6 +1,7 @@
 """IJB-B/C 1:1 on a generated IJB-style tree, against a direct numpy computation of the published protocol."""
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -164,3 +165,41 @@ def test_malformed_pair_file_names_file_and_line(ijb_tree, tmp_path):
     (root / "meta" / "ijbc_template_pair_label.txt").write_text("1 2 1\n1 3\n")
     with pytest.raises(ijb.IJBError, match="ijbc_template_pair_label.txt.*2"):
         ijb.read_meta(root, "IJBC")
+
+
+ORL = Path(__file__).resolve().parents[2] / "shared" / "data" / "orl_faces"
+
+
+@pytest.mark.integration  # ~10 s: the end-to-end evaluation
+@pytest.mark.skipif(not ORL.is_dir(), reason="ORL faces not present at ../shared/data/orl_faces")
+def test_faces_without_landmarks_are_detected_on_their_loose_crop(tiny, ijb_tree, tmp_path):
+    import shutil
+
+    from facedist.align import FaceAligner
+    from facedist.inference import load_image
+
+    model, pre, _ = tiny
+    root = tmp_path / "IJBC"
+    shutil.copytree(ijb_tree[0], root)
+    shutil.copy(ORL / "s1" / "1.pgm", root / "loose_crop" / "1.jpg")  # a real face (Pillow reads by content)
+    points_file = root / "meta" / "ijbc_name_5pts_score.txt"
+    rows = [line.split() for line in points_file.read_text().splitlines()]
+    rows[0] = [rows[0][0], rows[0][-1]]  # no landmarks: `image faceness`
+    rows[1][1:11] = ["nan"] * 10  # noise, nan landmarks: no face to find either
+    rows[2][1:11] = ["0"] * 10  # all five at one point: no transform maps them
+    points_file.write_text("\n".join(" ".join(row) for row in rows) + "\n")
+    meta = ijb.read_meta(root, "IJBC")
+    assert np.isnan(meta.landmarks[:3]).all() and np.isfinite(meta.landmarks[3:]).all()
+    assert meta.faceness[0] == float(rows[0][1])
+
+    faces = ijb.IJBFaces(root, meta, np.arange(4), pre)
+    size = int(pre["image_size"])
+    expected = preprocess(FaceAligner(size).align(load_image(root / "loose_crop" / "1.jpg")).image, pre)
+    tensor, _, problem, _ = faces[0]
+    assert problem == "" and torch.equal(tensor, expected)
+    assert faces[1][2:] == ("no landmarks in the meta file and no face found", False)
+
+    metrics = ijb.evaluate_ijb(root, "IJBC", model, pre, tmp_path / "out", batch_size=64, chunk_faces=20)
+    assert metrics["faces_detected_for_missing_landmarks"] == 3
+    assert [face["image"] for face in metrics["faces_left_out"]] == ["loose_crop/2.jpg", "loose_crop/3.jpg"]
+    assert np.isfinite(np.load(tmp_path / "out" / "ijbc_scores.npz")["scores"]).all()

@@ -237,6 +237,11 @@ def evaluate_ijb(args: argparse.Namespace, device) -> dict | None:
             f"{far}: {published[far]:.4f} / {'-' if own[far] is None else f'{own[far]:.4f}'}" for far in published
         )
     )
+    if metrics["faces_detected_for_missing_landmarks"]:
+        print(
+            f"facedist-eval: {metrics['faces_detected_for_missing_landmarks']} faces without landmarks detected; "
+            f"{len(metrics['faces_left_out'])} with no face found left out (listed in {args.out}/metrics.json)"
+        )
     return metrics
 
 
