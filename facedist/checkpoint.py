@@ -6,7 +6,9 @@ Layout of `output_dir/checkpoints/step_XXXXXXXX/` (shared file system across nod
   train_model.safetensors  the weights training continues from (ScheduleFree's y)
   train_state.pt           optimizer, LR schedule, loss scaler and loop counters (tensors and plain values)
   head/                    the sharded margin head, one file of row ranges per rank (see facedist.heads)
-  meta.json                written last: step, world size, what the checkpoint depends on
+  meta.json                written last: step, world size, what the checkpoint depends on, and the sha256 of
+                           every other file, checked on resume (`--resume auto` falls back to the newest
+                           checkpoint that verifies)
 
 A checkpoint is first written as `.step_XXXXXXXX.partial` and renamed when every rank has finished, so a
 process killed mid-write leaves the previous checkpoint as the latest usable one.
@@ -18,6 +20,8 @@ move them back), so `--resume auto` and keep-last-k see only the current line.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -27,8 +31,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from facedist import distributed
 from facedist.config import config_from_dict
 from facedist.durable import fsync_directory, write_atomic
 
@@ -215,16 +220,25 @@ def check_compatible(checkpoint: Path, expected: dict[str, Any], force: bool) ->
     ]
     if changed and not force:
         raise CheckpointError(
-            f"resume: {checkpoint} was trained with a different {'; '.join(changed)} (pass --force to resume anyway)"
+            f"resume: {checkpoint} was trained with a different {'; '.join(changed)} (pass --force to resume anyway "
+            "when every tensor keeps its shape; --force cannot make shapes fit)"
         )
     return meta
 
 
 class CheckpointWriter:
-    """Collective save: every rank calls `save`; rank 0 owns the directory, each rank writes its own files."""
+    """Collective save: every rank calls `save`; rank 0 owns the directory, each rank writes its own files.
 
-    def __init__(self, output_dir: str | Path, keep: int, rank: int, barrier):
+    `is_due(step, stopping)`: every `every` steps (0: never), at `last_step`, and when the run is stopping."""
+
+    def __init__(
+        self, output_dir: str | Path, keep: int, rank: int, barrier, every: int = 0, last_step: int | None = None
+    ):
         self.output_dir, self.keep, self.rank, self.barrier = Path(output_dir), keep, rank, barrier
+        self.every, self.last_step = every, last_step
+
+    def is_due(self, step: int, stopping: bool = False) -> bool:
+        return stopping or step == self.last_step or (self.every > 0 and step % self.every == 0)
 
     def save(self, step: int, meta: dict, main_files: dict[str, Any], rank_files: dict[str, Any]) -> Path:
         """`main_files` (written by rank 0) and `rank_files` (by every rank) map file names to writers
@@ -241,8 +255,8 @@ class CheckpointWriter:
             target.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(target, write)
         self.barrier()
-        if self.rank == 0:
-            meta = {"format_version": FORMAT_VERSION, "step": step, **meta}
+        if self.rank == 0:  # every rank's files are complete: one place records them all
+            meta = {"format_version": FORMAT_VERSION, "step": step, **meta, "sha256": checksums(partial)}
             write_atomic(partial / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
             os.replace(partial, final)
             fsync_directory(final.parent)
@@ -268,3 +282,140 @@ def load_torch(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as err:
         raise CheckpointError(f"checkpoint: {path} is missing") from err
+    except Exception as err:  # torch raises several types for a damaged file
+        raise CheckpointError(f"checkpoint: {path} cannot be read ({str(err).splitlines()[0][:200]})") from None
+
+
+def checksums(directory: Path) -> dict[str, str]:
+    """{path relative to `directory`: sha256} of every file below it."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    digests = {}
+    for path in files:
+        with open(path, "rb") as f:
+            digests[path.relative_to(directory).as_posix()] = hashlib.file_digest(f, "sha256").hexdigest()
+    return digests
+
+
+def damaged_file(checkpoint: Path) -> str | None:
+    """The first file of `checkpoint` that is missing or does not match meta.json's sha256, with why; None
+    when all match (or meta.json predates checksums)."""
+    try:
+        recorded = json.loads((checkpoint / META_FILE).read_text()).get("sha256", {})
+    except (OSError, ValueError) as err:
+        return f"{checkpoint / META_FILE} cannot be read ({err})"
+    for name, digest in recorded.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path} is missing"
+        with open(path, "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != digest:
+                return f"{path} does not match its sha256 in meta.json (damaged)"
+    return None
+
+
+def verified_checkpoint(resume: str, output_dir: str | Path) -> Path | None:
+    """The checkpoint `--resume` names, its files checked against meta.json: for "auto" the newest of output_dir
+    that verifies (one line names each damaged one it passes over), else the one given, refused when damaged."""
+    if resume != "auto":
+        directory = resolve_checkpoint(resume)
+        problem = damaged_file(directory)
+        if problem is not None:
+            raise CheckpointError(f"resume: {problem}; resume from an older checkpoint of {directory.parent}")
+        return directory
+    candidates, damaged = list_checkpoints(output_dir)[::-1], []
+    for directory in candidates:
+        problem = damaged_file(directory)
+        if problem is None:
+            for skipped in damaged:
+                print(f"resume: {skipped}; resuming from {directory} instead", flush=True)
+            return directory
+        damaged.append(problem)
+    if candidates:
+        raise CheckpointError(f"resume: no checkpoint in {Path(output_dir) / CHECKPOINTS} verifies: {damaged[0]}")
+    return None
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError as err:
+        raise CheckpointError(f"checkpoint: {path} is missing") from err
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise CheckpointError(f"checkpoint: {path} cannot be read ({str(err).splitlines()[0][:200]})") from None
+
+
+def load_fitting(module: torch.nn.Module, path: Path) -> None:
+    """`module.load_state_dict` from a safetensors file, refused in one line when a tensor's shape differs."""
+    state = _load_safetensors(path)
+    own = module.state_dict()
+    for name, tensor in state.items():
+        if name in own and own[name].shape != tensor.shape:
+            raise CheckpointError(
+                f"resume: {path} holds {name} of shape {list(tensor.shape)}, this model's is {list(own[name].shape)} "
+                "(--force cannot make shapes fit: start a new run, or model.init_from for the weights that fit)"
+            )
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:  # missing or unexpected keys
+        raise CheckpointError(f"resume: {path} does not fit this model: {str(err).splitlines()[0][:200]}") from None
+
+
+def writable_output(output_dir: Path) -> str | None:
+    """Create output_dir and its checkpoints/ folder and prove both writable with a test file; None, or why not."""
+    for folder in (output_dir, output_dir / CHECKPOINTS):
+        probe = folder / f".write-test-{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"facedist")
+            probe.unlink()
+        except OSError as err:
+            return f"output_dir: cannot write to {folder} ({err.strerror or err})"
+    return None
+
+
+@dataclasses.dataclass
+class ResumeState:
+    """Where a resumed run continues: the checkpoint, its step and meta.json, and train_state.pt's contents
+    (optimizer, LR schedule, loss scaler)."""
+
+    directory: Path
+    step: int
+    meta: dict
+    train_state: dict
+
+    def load_training_weights(self, model: torch.nn.Module) -> None:
+        """The weights training continues from (ScheduleFree's y)."""
+        load_fitting(model, self.directory / "train_model.safetensors")
+
+    def load_evaluation_weights(self, model: torch.nn.Module) -> None:
+        """The exported weights (the moving average, when the run keeps one)."""
+        load_fitting(model, self.directory / EMBEDDING_FILE)
+
+    def supersede_newer(self, output_dir: str | Path) -> Path | None:
+        """Main process, once everything is loaded: a roll-back to an older checkpoint starts a new line of
+        training, so output_dir's newer checkpoints (and their log lines) move aside; where they went, or None."""
+        return supersede_newer(output_dir, self.step)
+
+
+def find_resume(
+    resume: str | None, output_dir: str | Path, expected: dict[str, Any], force: bool, check=None
+) -> ResumeState | None:
+    """`--resume auto` (the newest checkpoint in output_dir that verifies; None when there is none yet) or
+    `--resume PATH`, refused (one line) when damaged, when what the run depends on changed (`dependencies`,
+    unless `force`) or when `check(directory, meta)` refuses it (the backend's own conditions)."""
+    if not resume:
+        return None
+    try:  # the main process reads the files once; every rank gets its answer
+        found = verified_checkpoint(resume, output_dir) if distributed.rank() == 0 else None
+    except CheckpointError as err:
+        found = err
+    found = distributed.broadcast_object(found)
+    if isinstance(found, CheckpointError):
+        raise found
+    if found is None:
+        return None
+    directory = found
+    meta = check_compatible(directory, expected, force)
+    if check is not None:
+        check(directory, meta)
+    return ResumeState(directory, meta["step"], meta, load_torch(directory / "train_state.pt"))

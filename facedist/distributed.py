@@ -2,7 +2,7 @@
 
 `gather_rows` takes any row counts (evaluation: ranks may hold different or zero rows) and pays for it
 with a count exchange and host reads; the training step, where every rank holds the same P x M rows, uses
-`gather_fixed` / `GatherFixed` (one `all_gather_into_tensor`, no host read; backward: one reduce-scatter)
+`gather_fixed` / `GatherFixed` (one `all_gather_single`, no host read; backward: one reduce-scatter)
 and reads its step's flags once through `StepFlags`.
 """
 
@@ -44,6 +44,15 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(all_reduce(torch.tensor([float(flag)], device=device), "max").item())
 
 
+def broadcast_object(value, src: int = 0):
+    """Rank `src`'s `value` (any picklable object) on every rank; for decisions taken once, at start."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
 def broadcast_float_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Overwrite every rank's floating-point buffers (BatchNorm statistics) with rank `src`'s, in one broadcast."""
     buffers = [b for b in module.buffers() if b.is_floating_point()]
@@ -75,7 +84,7 @@ def gather_fixed(tensor: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return tensor
     out = tensor.new_empty((dist.get_world_size() * tensor.shape[0], *tensor.shape[1:]))
-    dist.all_gather_into_tensor(out, tensor.contiguous())
+    dist.all_gather_single(out, tensor.contiguous())
     return out
 
 

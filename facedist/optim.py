@@ -202,14 +202,70 @@ def _by_device(tensors: list[torch.Tensor]) -> dict:
     return groups
 
 
-def clip_grad_norm_(replicated: list[torch.Tensor], sharded: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Clip by one global norm: replicated (DDP) gradients counted once, sharded head rows summed over ranks.
+class Optimizers:
+    """Every optimizer of a run stepped as one: the backbone's, the side ones outside DDP/ZeRO (the margin head's,
+    AdaRand's), the LR schedule, the fp16 loss scaler and the weight average (`optim.ema_decay`).
 
-    Returns the global norm before clipping (non-finite when any gradient is). The trainer gets the sharded
-    sum from its step's one flag all-reduce instead (`distributed.StepFlags`) and calls `clip_grads_`."""
-    local = grad_norm_squared(sharded)
-    if sharded:
-        local = distributed.all_reduce(local.to(sharded[0].device), "sum")
-    total = (grad_norm_squared(replicated).to(local.device) + local).sqrt()
-    clip_grads_(replicated + sharded, total, max_norm)
-    return total
+    The loop calls `unscale_()` before measuring gradients and `step_unless_nonfinite(flags, step)` after the
+    step's flags are read: a non-finite step is skipped on every rank (ScheduleFree's counters are Python
+    numbers: a bad step must be refused before it is taken), an fp16 overflow with a finite loss only backs the
+    scale off, and `max_nonfinite_steps` bad steps in a row stop the run. The backbone's state goes through the
+    backend (DeepSpeed keeps its own)."""
+
+    def __init__(self, backbone, side: list, scheduler, scaler, backend, max_nonfinite_steps: int, log=print):
+        self.backbone, self.side, self.scheduler, self.scaler = backbone, side, scheduler, scaler
+        self.backend, self.max_nonfinite_steps, self.log = backend, max_nonfinite_steps, log
+        self.average: ModelEmaV3 | None = None  # set once the weights it starts from are loaded
+        self.nonfinite_in_a_row = 0
+
+    def unscale_(self) -> None:
+        """fp16: unscale every gradient before it is measured or clipped (the head's too)."""
+        if self.scaler is not None:
+            for optimizer in (self.backbone, *self.side):
+                self.scaler.unscale_(_base(optimizer))
+
+    def step_unless_nonfinite(self, flags, step: int) -> None:
+        """Step everything (then the schedule and the average at `step + 1`), or skip the step on `flags`."""
+        if not (flags.loss_bad or flags.grad_bad):
+            self.nonfinite_in_a_row = 0
+            for optimizer in self.side:
+                self.scaler.step(optimizer) if self.scaler is not None else optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            self.backbone.step()  # Accelerate's wrapper: the scaler's step and update under fp16
+            self.backbone.zero_grad(set_to_none=True)
+            if self.scheduler is not None:
+                self.scheduler.step()
+            if self.average is not None:  # foreach lerps on the device, no host read
+                self.average.update(self.backend.raw_model, step + 1)
+            return
+        if self.scaler is not None and not flags.loss_bad:  # an fp16 overflow: the scaler's business, not an error
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        else:
+            self.nonfinite_in_a_row += 1
+            self.log(f"step {step + 1}: non-finite loss or gradient, step skipped ({self.nonfinite_in_a_row} in a row)")
+            if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+                raise SystemExit(
+                    f"stopping: {self.nonfinite_in_a_row} non-finite steps in a row (train.max_nonfinite_steps); "
+                    "lower optim.lr, enable optim.grad_clip or use bf16 instead of fp16"
+                )
+        for optimizer in (self.backbone, *self.side):
+            optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return current_lr(self.backbone)
+
+    def state_dict(self) -> dict:
+        """train_state.pt: the backbone optimizer's state (None under ZeRO), the schedule's, the scaler's."""
+        return {
+            "optimizer": self.backend.optimizer_state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Before `prepare` (the side optimizers load with their sharded modules' rows)."""
+        self.backend.load_optimizer_state(self.backbone, state)
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

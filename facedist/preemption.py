@@ -1,8 +1,11 @@
-"""Stopping cleanly when the cluster asks (SIGUSR1 before the time limit, SIGTERM on preemption).
+"""Stopping cleanly when the cluster or the user asks (SIGUSR1 before the time limit, SIGTERM on preemption,
+SIGINT from Ctrl-C).
 
 A signal only sets a flag; at the end of each step all ranks agree (all-reduce MAX) to stop together,
-write a checkpoint, and the main process requeues the Slurm job, which resumes from that checkpoint.
-Collective timeouts make a rank that waits on a dead peer fail instead of hanging.
+write a checkpoint, and the main process requeues the Slurm job, which resumes from that checkpoint. A
+second signal (an impatient Ctrl-C) only says that the checkpoint is being written: ending the process then
+would lose the steps since the last one. Collective timeouts make a rank that waits on a dead peer fail
+instead of hanging.
 """
 
 from __future__ import annotations
@@ -18,19 +21,30 @@ from facedist import distributed
 
 
 class StopRequest:
-    """Records SIGUSR1/SIGTERM; `should_stop()` is the same answer on every rank (all ranks must call it)."""
+    """Records SIGUSR1/SIGTERM/SIGINT; `should_stop()` is the same answer on every rank (all ranks must call it)."""
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signal_name: str | None = None
+        self._told_saving = False
 
     def install(self) -> None:
         for sig in self.SIGNALS:
             signal.signal(sig, self._record)
 
+    def ignore_from_now_on(self) -> None:
+        """The run is over (its checkpoint written): a late signal must not turn a clean exit into a kill (at
+        exit Python hands its handlers back to the default actions, ignored signals stay ignored)."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def _record(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+        elif not self._told_saving:  # os.write: print() is not safe inside a signal handler
+            self._told_saving = True
+            os.write(2, b"facedist train: stopping: saving a checkpoint at the end of this step, please wait\n")
 
     @property
     def requested(self) -> bool:

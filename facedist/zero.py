@@ -5,7 +5,7 @@ its gradients as well; every process still holds all weights (ZeRO-3, which part
 The sharded margin head stays outside the engine: its rows are already split across ranks, and it keeps its
 own optimizer, clipping and checkpoint files.
 
-What differs from DDP, and how the trainer handles it:
+What differs from DDP, and how `ZeroBackend` (the trainer's facedist.backend.Backend here) handles it:
 - The backbone's step happens inside `accelerator.backward` (Accelerate calls `engine.step()`): DeepSpeed
   clips by the backbone's gradient norm (gradient_clipping = optim.grad_clip; the head is clipped by its
   own norm) and skips the step when that norm is not finite. `backbone_grad_norm_squared` reads it back.
@@ -39,16 +39,12 @@ from pathlib import Path
 
 import torch
 
+from facedist.backend import DEEPSPEED_DIR, Backend
 from facedist.checkpoint import CheckpointError
+from facedist.optim import clip_grads_
+from facedist.optim import evaluation_state_dict as average_or_schedule_free_state_dict
 
-DEEPSPEED_DIR = "deepspeed"  # inside a checkpoint directory
 _TAG = "zero"  # DeepSpeed's sub-folder name for the one state a facedist checkpoint holds
-
-
-def is_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
 def process_group_kwargs(handlers: list) -> list:
@@ -60,6 +56,71 @@ def process_group_kwargs(handlers: list) -> list:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.cuda.is_available():
         return handlers
     return [dataclasses.replace(h, backend="gloo") if isinstance(h, InitProcessGroupKwargs) else h for h in handlers]
+
+
+class ZeroBackend(Backend):
+    """The backbone in a DeepSpeed ZeRO-1/2 engine; the sharded head stays outside it (see the module docstring)."""
+
+    def check_precision(self, cfg) -> None:
+        """fp16 is refused in `configure`, once DeepSpeed's config is at hand."""
+
+    def prepare(self, model: torch.nn.Module, optimizer, cfg):
+        configure(self.accelerator, cfg, optimizer)
+        return super().prepare(model, optimizer, cfg)
+
+    def check_resume(self, checkpoint_dir: Path, meta: dict) -> None:
+        """Refuse (one line) a DDP checkpoint, or a ZeRO one written by a different number of processes."""
+        if not (checkpoint_dir / DEEPSPEED_DIR).is_dir():
+            raise CheckpointError(
+                f"resume: {checkpoint_dir} was written without DeepSpeed; resume it without a DeepSpeed launch config"
+            )
+        if meta.get("world_size") != self.accelerator.num_processes:
+            raise CheckpointError(
+                f"resume: {checkpoint_dir} was written by {meta.get('world_size')} DeepSpeed processes, "
+                f"this run has {self.accelerator.num_processes}; ZeRO partitions need the same number"
+            )
+
+    def load_optimizer_state(self, optimizer, train_state: dict) -> None:
+        """DeepSpeed loads its partitions after `prepare` (`load_checkpoint_after_prepare`)."""
+
+    def load_checkpoint_after_prepare(self, checkpoint_dir: Path) -> None:
+        """This rank's optimizer partition and fp32 master weights from `checkpoint_files`."""
+        load_path, _ = self.model.load_checkpoint(
+            str(checkpoint_dir / DEEPSPEED_DIR), tag=_TAG, load_lr_scheduler_states=False
+        )
+        if load_path is None:
+            raise CheckpointError(f"resume: {checkpoint_dir / DEEPSPEED_DIR} holds no readable DeepSpeed state")
+
+    def optimizer_state_dict(self) -> None:
+        return None  # in the checkpoint's deepspeed/ folder
+
+    def checkpoint_files(self, rank: int) -> dict:
+        """CheckpointWriter rank files: `engine.save_checkpoint` into the checkpoint's deepspeed/ folder.
+
+        The writer hands each rank one temporary path to fill: DeepSpeed writes its own files (this rank's
+        optimizer partition and fp32 master weights; the weights and engine counters on rank 0) next to it,
+        and the path receives a note that this rank finished. All ranks write between the same barriers, so
+        the collective save lines up; the checkpoint counts as written only once the writer renames the folder."""
+        engine = self.model
+
+        def write(tmp: Path) -> None:
+            engine.save_checkpoint(str(tmp.parent), tag=_TAG)
+            tmp.write_text(f"rank {rank} saved its ZeRO partition under {_TAG}/\n")
+
+        return {f"{DEEPSPEED_DIR}/rank_{rank:05d}.saved": write}
+
+    def grad_norm_squared(self) -> torch.Tensor:
+        """The backbone's squared gradient norm as DeepSpeed measured it in its step (inf when it skipped)."""
+        return torch.as_tensor(self.model.get_global_grad_norm(), dtype=torch.float32).square()
+
+    def clip_(self, head_params: list, grad_norm: torch.Tensor, head_norm_squared: torch.Tensor, max_norm: float):
+        """DeepSpeed clipped and stepped (or skipped) the backbone in backward: the head by its own norm."""
+        clip_grads_(head_params, head_norm_squared.sqrt(), max_norm)
+
+    def evaluation_state_dict(self, average) -> dict[str, torch.Tensor]:
+        if average is not None:  # the moving average is a plain module outside the engine
+            return average_or_schedule_free_state_dict(self.raw_model, self.optimizer, average)
+        return evaluation_state_dict(self.raw_model, self.optimizer)
 
 
 def configure(accelerator, cfg, optimizer) -> None:
@@ -125,50 +186,3 @@ def evaluation_state_dict(model: torch.nn.Module, optimizer) -> dict[str, torch.
             y = torch.lerp(y, safe_get_full_optimizer_state(p, "z"), 1 - 1 / beta)
         state[name] = y.to(p.device)
     return state
-
-
-def backbone_grad_norm_squared(engine) -> torch.Tensor:
-    """The backbone's squared gradient norm as DeepSpeed measured it in its step (inf when it skipped)."""
-    return torch.as_tensor(engine.get_global_grad_norm(), dtype=torch.float32).square()
-
-
-def checkpoint_files(engine, rank: int) -> dict:
-    """CheckpointWriter rank files: `engine.save_checkpoint` into the checkpoint's deepspeed/ folder.
-
-    The writer hands each rank one temporary path to fill: DeepSpeed writes its own files (this rank's
-    optimizer partition and fp32 master weights; the weights and engine counters on rank 0) next to it,
-    and the path receives a note that this rank finished. All ranks write between the same barriers, so the
-    collective save lines up; the checkpoint counts as written only once the writer renames the folder."""
-
-    def write(tmp: Path) -> None:
-        engine.save_checkpoint(str(tmp.parent), tag=_TAG)
-        tmp.write_text(f"rank {rank} saved its ZeRO partition under {_TAG}/\n")
-
-    return {f"{DEEPSPEED_DIR}/rank_{rank:05d}.saved": write}
-
-
-def check_resume(accelerator, checkpoint_dir: Path, meta: dict) -> None:
-    """Refuse (one line) to resume a ZeRO checkpoint without DeepSpeed, a DDP one with it, or a ZeRO one on a
-    different number of processes."""
-    has_zero = (checkpoint_dir / DEEPSPEED_DIR).is_dir()
-    if is_deepspeed(accelerator) and not has_zero:
-        raise CheckpointError(
-            f"resume: {checkpoint_dir} was written without DeepSpeed; resume it without a DeepSpeed launch config"
-        )
-    if has_zero and not is_deepspeed(accelerator):
-        raise CheckpointError(
-            f"resume: {checkpoint_dir} holds DeepSpeed ZeRO optimizer state; resume it with "
-            "launch/deepspeed_zero1.yaml or deepspeed_zero2.yaml"
-        )
-    if has_zero and meta.get("world_size") != accelerator.num_processes:
-        raise CheckpointError(
-            f"resume: {checkpoint_dir} was written by {meta.get('world_size')} DeepSpeed processes, "
-            f"this run has {accelerator.num_processes}; ZeRO partitions need the same number"
-        )
-
-
-def load_checkpoint(engine, checkpoint_dir: Path) -> None:
-    """After `prepare`: this rank's optimizer partition and fp32 master weights from `checkpoint_files`."""
-    load_path, _ = engine.load_checkpoint(str(checkpoint_dir / DEEPSPEED_DIR), tag=_TAG, load_lr_scheduler_states=False)
-    if load_path is None:
-        raise CheckpointError(f"resume: {checkpoint_dir / DEEPSPEED_DIR} holds no readable DeepSpeed state")

@@ -165,3 +165,83 @@ def test_rolling_back_moves_the_newer_branch_aside(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000005", "step_00000006", "step_00000007"]
     assert latest_checkpoint(tmp_path).name == "step_00000007"
     assert supersede_newer(tmp_path, 7) is None  # nothing newer: nothing moved
+
+
+def _flip_a_byte(path, offset=-1):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_every_file_has_its_sha256_and_resume_auto_takes_the_newest_that_verifies(tmp_path, capsys):
+    from facedist.checkpoint import find_resume
+
+    writer = _writer(tmp_path, keep=3)
+    for step in (2, 4, 6):
+        _save(writer, step)
+    newest = latest_checkpoint(tmp_path)
+    recorded = json.loads((newest / "meta.json").read_text())["sha256"]
+    assert sorted(recorded) == ["head/rank0.pt", "train_state.pt"]
+    assert find_resume("auto", tmp_path, {"model.backbone": "b"}, force=False).step == 6
+
+    _flip_a_byte(newest / "head" / "rank0.pt")  # data, not a header: loads silently without the checksum
+    (tmp_path / "checkpoints" / "step_00000004" / "train_state.pt").write_bytes(b"trunc")  # truncated
+    capsys.readouterr()
+    resumed = find_resume("auto", tmp_path, {"model.backbone": "b"}, force=False)
+    assert resumed.step == 2 and resumed.train_state["step"].item() == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"resume: {newest / 'head' / 'rank0.pt'} does not match its sha256 in meta.json (damaged); resuming from "
+        f"{tmp_path / 'checkpoints' / 'step_00000002'} instead",
+        f"resume: {tmp_path / 'checkpoints' / 'step_00000004' / 'train_state.pt'} does not match its sha256 in "
+        f"meta.json (damaged); resuming from {tmp_path / 'checkpoints' / 'step_00000002'} instead",
+    ]
+    with pytest.raises(CheckpointError, match=r"^resume: .*step_00000006/head/rank0.pt does not match its sha256"):
+        find_resume(str(newest), tmp_path, {"model.backbone": "b"}, force=False)  # named: refused, no fallback
+    (tmp_path / "checkpoints" / "step_00000002" / "train_state.pt").unlink()
+    with pytest.raises(CheckpointError, match="no checkpoint in .* verifies: .*rank0.pt does not match"):
+        find_resume("auto", tmp_path, {"model.backbone": "b"}, force=False)
+
+
+def test_a_damaged_file_without_a_checksum_is_named_in_one_line(tmp_path):
+    """Checkpoints written before checksums: a truncated file still names itself instead of a torch traceback."""
+    final = _save(_writer(tmp_path), 2)
+    (final / "train_state.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match=r"train_state.pt cannot be read \("):
+        load_torch(final / "train_state.pt")
+
+
+def test_force_cannot_make_shapes_fit(tmp_path):
+    from safetensors.torch import save_file
+
+    from facedist.checkpoint import load_fitting
+
+    save_file({"weight": torch.zeros(16, 4)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(CheckpointError) as refused:
+        load_fitting(torch.nn.Linear(4, 8), tmp_path / "w.safetensors")
+    message = str(refused.value)
+    assert "weight of shape [16, 4], this model's is [8, 4]" in message and "--force cannot make shapes fit" in message
+    assert "\n" not in message
+    final = _save(_writer(tmp_path / "run"), 2)
+    with pytest.raises(CheckpointError, match="--force cannot make shapes fit"):  # the first refusal says so
+        check_compatible(final, {"model.backbone": "c"}, force=False)
+
+
+def test_an_unwritable_output_dir_is_found_at_start(tmp_path):
+    from facedist.checkpoint import writable_output
+
+    assert writable_output(tmp_path / "run") is None and (tmp_path / "run" / "checkpoints").is_dir()
+    assert not list((tmp_path / "run").rglob(".write-test-*"))
+    (tmp_path / "file").write_text("x")
+    assert (
+        writable_output(tmp_path / "file" / "run")
+        == f"output_dir: cannot write to {tmp_path / 'file' / 'run'} (Not a directory)"
+    )
+    (tmp_path / "ro" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "ro" / "checkpoints").chmod(0o555)
+    try:
+        problem = writable_output(tmp_path / "ro")
+    finally:
+        (tmp_path / "ro" / "checkpoints").chmod(0o755)
+    if os.geteuid() != 0:  # root writes anyway
+        assert problem == f"output_dir: cannot write to {tmp_path / 'ro' / 'checkpoints'} (Permission denied)"

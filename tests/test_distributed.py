@@ -1,6 +1,7 @@
 """The fixed-size training gather (forward, reduce-scatter backward) and the step's fused flags, on 3 gloo processes."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ ROWS, DIM = 4, 3
 
 def _gather_and_flags(rank, world):
     local = torch.arange(ROWS * DIM, dtype=torch.float64).view(ROWS, DIM).add(100 * rank).requires_grad_()
-    gathered = distributed.GatherFixed.apply(local, 2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated collective (every rank would print it)
+        gathered = distributed.GatherFixed.apply(local, 2.0)
     weights = torch.arange(world * ROWS * DIM, dtype=torch.float64).view(world * ROWS, DIM) * (rank + 1)
     (gathered * weights).sum().backward()  # each rank its own function of the global rows
     labels = distributed.gather_fixed(torch.full((ROWS,), rank))

@@ -5,12 +5,14 @@ import torch
 from dist_utils import run_distributed
 from torch import nn
 
+from facedist import distributed
 from facedist.config import OptimConfig
 from facedist.optim import (
     build_optimizer,
     build_weight_average,
-    clip_grad_norm_,
+    clip_grads_,
     evaluation_state_dict,
+    grad_norm_squared,
     is_schedule_free,
     model_param_groups,
     recalibrate_batchnorm,
@@ -108,6 +110,17 @@ def test_recalibration_is_averaged_across_ranks():
     torch.testing.assert_close(results[0][1], results[1][1])
     singles = [_recalibrate(r, 1) for r in range(2)]
     torch.testing.assert_close(results[0][0], (singles[0][0] + singles[1][0]) / 2)
+
+
+def clip_grad_norm_(replicated: list[torch.Tensor], sharded: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip by one global norm, replicated (DDP) gradients counted once, sharded head rows summed over ranks, as
+    the trainer does (there the sharded sum rides on the step's one flag all-reduce, `distributed.StepFlags`)."""
+    local = grad_norm_squared(sharded)
+    if sharded:
+        local = distributed.all_reduce(local.to(sharded[0].device), "sum")
+    total = (grad_norm_squared(replicated).to(local.device) + local).sqrt()
+    clip_grads_(replicated + sharded, total, max_norm)
+    return total
 
 
 def _clip(rank, world, max_norm):

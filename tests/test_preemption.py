@@ -21,7 +21,7 @@ def restore_handlers():
         signal.signal(sig, handler)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT])
 def test_signal_is_recorded_not_fatal(restore_handlers, sig):
     stop = StopRequest()
     stop.install()

@@ -24,11 +24,16 @@ from facedist import distributed
 from facedist.config import Config, ConfigError, _fill_dependent_defaults
 from facedist.heads import build_head
 from facedist.heads.margins import adacos_fixed_scale, build_margin
-from facedist.heads.sharded_softmax import init_rows, sampled_classes
+from facedist.heads.sharded_softmax import init_rows, sampled_class_mask
 from facedist.optim import lr_schedule
 
 C, D, DIN, N, SEED, STEPS = 11, 6, 5, 12, 3, 3  # C divisible by neither 2 nor 3
 SPLITS = {1: [12], 2: [5, 7], 3: [3, 4, 5]}  # uneven local batches on purpose
+
+
+def sampled_classes(labels: torch.Tensor, num_classes: int, sample_rate: float, seed: int, step: int) -> torch.Tensor:
+    """Sorted class ids of `sampled_class_mask` (reads the count on the host)."""
+    return torch.nonzero(sampled_class_mask(labels, num_classes, sample_rate, seed, step)).squeeze(1)
 
 
 def make_config(head="arcface", optim="adamw_cosine", sample_rate=1.0, nesterov=False, **loss) -> Config:

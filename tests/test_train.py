@@ -631,6 +631,13 @@ def _process_tree(root: int) -> list[int]:
     return tree
 
 
+def _wait_for_three_logged_steps(proc, out):
+    deadline = time.monotonic() + 300
+    while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+
+
 def _signal_every_process_mid_run(args, nproc, out):
     """Start a run, send SIGUSR1 to every process of it at step >= 3, wait for the end."""
     launcher = (
@@ -658,10 +665,7 @@ def _signal_every_process_mid_run(args, nproc, out):
         preexec_fn=ignore_usr1,
     )
     try:
-        deadline = time.monotonic() + 300
-        while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
-            time.sleep(0.2)
+        _wait_for_three_logged_steps(proc, out)
         for pid in _process_tree(proc.pid):  # as Slurm signals every process of a step
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGUSR1)
@@ -759,3 +763,157 @@ def test_training_and_evaluation_over_600_shards_under_64_open_files(many_shards
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert metrics(tmp_path)[-1]["val_auc"] > 0  # all 120 validation shards read
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """A Trainer built in this process (W = 1, CPU): Accelerate's shared state and the stop handlers are
+    restored afterwards."""
+    from accelerate.state import AcceleratorState
+
+    from facedist.preemption import StopRequest
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    handlers = {sig: signal.getsignal(sig) for sig in StopRequest.SIGNALS}
+    yield
+    AcceleratorState._reset_state(True)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def test_a_trainer_in_process_evaluates_saves_trains_and_resumes(shards, tmp_path, in_process, capsys):
+    """Save and evaluation are methods: no subprocess, no loop needed; the validator and the checkpoint writer
+    say when they are due; the run says what it does in a start line, a line per evaluation and a final line."""
+    from facedist.config import load_config
+    from facedist.train import Trainer
+
+    overrides = [*TINY, f"data.shards={shards}", "data.classes_per_batch=4", "eval.every=2", "checkpoint.every=3"]
+    cfg = load_config(None, [*overrides, "train.max_steps=4", f"output_dir={tmp_path}"])
+    trainer = Trainer(cfg)
+    assert [trainer.validator.is_due(s) for s in (1, 2, 3, 4)] == [False, True, False, True]
+    assert [trainer.checkpointer.is_due(s) for s in (1, 2, 3, 4)] == [False, False, True, True]
+    assert trainer.checkpointer.is_due(1, stopping=True)
+    scores = trainer.evaluate()
+    assert 0.0 <= scores["val_auc"] <= 1.0 and "val_time_s" in scores
+    saved = trainer.save()
+    assert saved == tmp_path / "checkpoints" / "step_00000000"
+    assert json.loads((saved / "meta.json").read_text())["step"] == 0
+    exported = load_file(str(saved / "model.safetensors"))
+    for key, value in trainer.raw_model.named_parameters():  # before any step the evaluation weights are y
+        assert torch.equal(exported[key], value), key  # (BatchNorm statistics: recalibrated at them)
+
+    trainer.train()
+    assert [r["step"] for r in metrics(tmp_path)] == [0, 1, 2, 3, 4]
+    assert "val_auc" in metrics(tmp_path)[2] and "val_auc" in metrics(tmp_path)[4]
+    out = capsys.readouterr().out
+    assert "facedist train: 18 identities, 90 images | 1 process, global batch 4 x 4 x 1 | 4 steps" in out
+    assert re.search(r"step 2: val AUC [0-9.]+, TAR@FAR=1e-3 \S+, EER [0-9.]+ \([0-9.]+ s\)", out), out
+    final = out.strip().splitlines()[-1]
+    assert final.startswith("facedist train: done at step 4 of 4 in ") and "best val AUC" in final
+    assert final.endswith(f"checkpoint {tmp_path / 'checkpoints' / 'step_00000004'}")
+
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    more = Trainer(load_config(None, [*overrides, "train.max_steps=5", f"output_dir={tmp_path}"]), resume="auto")
+    assert more.step == 4 and more.resumed.directory.name == "step_00000004"
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000004'} (step 4)" in more.start_line()
+
+
+def test_overrides_go_anywhere_on_the_command_line():
+    from facedist.train import parse_args
+
+    args = parse_args(["--config", "c.yaml", "output_dir=R", "--resume", "auto", "model.embedding_dim=64", "--force"])
+    assert args.overrides == ["output_dir=R", "model.embedding_dim=64"] and args.resume == "auto" and args.force
+
+
+def _refusal(argv) -> str:
+    """The one line a refused start exits with (sys.exit(message): status 1)."""
+    from facedist.train import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli(argv)
+    message = exited.value.code
+    assert isinstance(message, str) and "\n" not in message.strip() and "Traceback" not in message, message
+    return message
+
+
+def test_mistakes_at_start_are_one_line_before_any_step(shards, tmp_path, in_process):
+    """Too many identities per batch (before any worker starts), an output_dir nothing can be written to, a
+    --resume --force whose shapes cannot fit: each one line, exit 1, and no folder left behind."""
+    common = [*TINY, f"data.shards={shards}", "train.max_steps=1", "data.num_workers=2"]
+    message = _refusal([*common, "data.classes_per_batch=30", f"output_dir={tmp_path / 'big'}"])
+    assert message == (
+        "facedist train: data: 18 identities cannot fill a global batch of 1 processes x "
+        "data.classes_per_batch=30 distinct identities"
+    )
+    assert not (tmp_path / "big").exists()
+    (tmp_path / "file").write_text("not a folder")
+    message = _refusal([*common, f"output_dir={tmp_path / 'file' / 'run'}"])
+    assert message == f"facedist train: output_dir: cannot write to {tmp_path / 'file' / 'run'} (Not a directory)"
+
+    from accelerate.state import AcceleratorState
+
+    from facedist.train import main
+
+    run = [*common, "data.num_workers=0", f"output_dir={tmp_path / 'run'}"]
+    main(run)
+    AcceleratorState._reset_state(True)
+    message = _refusal([*run, "--resume", "auto", "model.embedding_dim=8"])  # overrides after --resume, too
+    assert "model.embedding_dim: 16 -> 8" in message and "--force cannot make shapes fit" in message
+    AcceleratorState._reset_state(True)
+    message = _refusal([*run, "--resume", "auto", "model.embedding_dim=8", "--force"])
+    assert re.fullmatch(
+        r"facedist train: resume: .*train_model.safetensors holds neck\.\S+ of shape \[16(, \d+)*\], this model's "
+        r"is \[8(, \d+)*\] \(--force cannot make shapes fit.*\)",
+        message,
+    ), message
+
+
+def test_a_damaged_image_in_a_shard_stops_training_with_the_shard_error_in_one_line(shards, tmp_path, in_process):
+    """Decoded in a DataLoader worker, the ShardError names shard, sample and offset, without the worker's
+    traceback."""
+    import numpy as np
+
+    damaged = tmp_path / "shards"
+    shutil.copytree(shards, damaged)
+    rows = np.load(damaged / "train-index.npy")
+    with open(damaged / "train-000000.tar", "r+b") as tar:
+        for row in rows[rows["shard"] == 0]:  # every image of the shard: the first batch meets one
+            tar.seek(int(row["offset"]))
+            tar.write(bytes(int(row["size"])))
+    message = _refusal(
+        [*TINY, f"data.shards={damaged}", "data.num_workers=1", "train.max_steps=2", f"output_dir={tmp_path / 'run'}"]
+    )
+    assert message.startswith(f"facedist train: {damaged / 'train-000000.tar'}") and "Caught" not in message
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_like_sigterm_with_a_checkpoint_and_a_second_one_says_it_is_saving(shards, tmp_path):
+    """SIGINT to the whole foreground process group (what a terminal's Ctrl-C does: trainer, loader workers,
+    their fork server), again and again: exit 0, the step's checkpoint written, no traceback."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, TRAIN, *STOP, f"data.shards={shards}", "data.classes_per_batch=4", f"output_dir={out}"],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _wait_for_three_logged_steps(proc, out)
+        while proc.poll() is None:  # an impatient user: Ctrl-C until it is over
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+            time.sleep(0.1)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+    (step,) = re.findall(r"stopped by SIGINT at step (\d+); checkpoint written", output)
+    assert (out / "checkpoints" / f"step_{int(step):08d}" / "meta.json").is_file()
+    assert "facedist train: stopping: saving a checkpoint at the end of this step, please wait" in output
+    assert f"facedist train: stopped at step {step} of {STOP_STEPS}" in output

@@ -36,12 +36,13 @@ from facedist.data.shards import ShardError
 # evaluation loader's worker deadlocked in PyOS_AfterFork_Child and the run hung (seen, Python 3.11).
 #
 # Stop signals: Slurm signals every process of a job step, workers and the fork server included; only
-# the trainer may decide to stop (facedist.preemption), so both ignore SIGUSR1/SIGTERM. A hung worker is
-# still ended by the DataLoader's terminate(), which sends SIGKILL here instead of the ignored SIGTERM.
+# the trainer may decide to stop (facedist.preemption), so both ignore SIGUSR1/SIGTERM, and SIGINT (Ctrl-C
+# reaches the whole foreground process group). A hung worker is still ended by the DataLoader's terminate(),
+# which sends SIGKILL here instead of the ignored SIGTERM.
 # A worker's parent is the fork server, which lives as long as any worker does, so neither torch's
 # watchdog (it watches the parent) nor PR_SET_PDEATHSIG notice a dead trainer: each worker watches the
 # trainer itself (a pidfd) and exits with it.
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class _WorkerPopen(popen_forkserver.Popen):

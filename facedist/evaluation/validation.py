@@ -125,3 +125,35 @@ def evaluate_validation(
         "val_rank1": metrics["cmc"]["rank1"],
         "val_time_s": round(time.perf_counter() - started, 3),
     }
+
+
+class Validator:
+    """Evaluation during training: the validation split (`evaluate_validation`) and `eval.bins`, every
+    `eval.every` steps and at the last one; disabled (never due) without a validation split."""
+
+    def __init__(self, cfg: Config, index: ShardIndex | None, group, preprocessing: dict, device, autocast, bins):
+        self.cfg, self.index, self.group, self.preprocessing = cfg, index, group, preprocessing
+        self.device, self.autocast, self.bins = device, autocast, bins
+
+    @property
+    def enabled(self) -> bool:
+        return self.index is not None
+
+    def is_due(self, step: int) -> bool:
+        return self.enabled and (step % self.cfg.eval.every == 0 or step == self.cfg.train.max_steps)
+
+    def __call__(self, model: torch.nn.Module, step: int, tb_writer, should_stop=None) -> dict | None:
+        """Validation and bin metrics (rank 0; {} elsewhere), or None when a stop came meanwhile (abandoned)."""
+        metrics = evaluate_validation(
+            model,
+            self.index,
+            self.cfg,
+            self.preprocessing,
+            self.device,
+            self.autocast,
+            step,
+            tb_writer,
+            self.group,
+            should_stop,
+        )
+        return None if metrics is None else {**metrics, **self.bins(model)}

@@ -2,7 +2,7 @@
 
 head, head_optimizer = build_head(cfg, num_classes, world_size, rank, device)
 loss, value = head(embeddings, labels, step)   # global mean loss; backward under DDP averaging
-clip_grad_norm_(backbone_params, list(head.parameters()), max_norm)   # each shard counted once
+grad_norm_squared(list(head.parameters()))   # this rank's shard; summed over ranks in the step's flags
 head.checkpoint_files("head", head_optimizer) / head.load_checkpoint(dir / "head", head_optimizer)
 """
 

@@ -105,11 +105,6 @@ def sampled_class_mask(
     return torch.zeros_like(present).index_put_((top,), torch.arange(len(top), device=device) < count)
 
 
-def sampled_classes(labels: torch.Tensor, num_classes: int, sample_rate: float, seed: int, step: int) -> torch.Tensor:
-    """Sorted class ids of `sampled_class_mask` (reads the count on the host)."""
-    return torch.nonzero(sampled_class_mask(labels, num_classes, sample_rate, seed, step)).squeeze(1)
-
-
 class ShardedMarginHead(RowShardedModule):
     """Margin softmax head over `num_classes` centres, this rank holding its block of rows.
 
