@@ -127,7 +127,7 @@ class ImageDataset(Dataset):
     ):
         self.sources, self.preprocessing, self.align, self.names = sources, preprocessing, align, names
         self.min_size = min_size
-        self._aligner = None  # built lazily in each worker (OpenCV cascades do not pickle)
+        self._aligner = None  # built lazily in each worker (the OpenCV detector does not pickle)
 
     def __getstate__(self) -> dict:  # workers start from a pickled copy (forkserver)
         return {**self.__dict__, "_aligner": None}

@@ -70,7 +70,7 @@ def failure_reason(error: Exception) -> str:
 
 @functools.lru_cache(maxsize=1)
 def face_aligner(size: int):
-    """The process's FaceAligner for `size` px crops (built once per worker: OpenCV cascades load slowly)."""
+    """The process's FaceAligner for `size` px crops (once per worker: building one costs two detections)."""
     from facedist.align import FaceAligner
 
     return FaceAligner(size)
