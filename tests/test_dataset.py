@@ -296,3 +296,11 @@ def test_workers_exit_when_the_trainer_dies(synth_shards):
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     workers = [int(pid) for pid in proc.stdout.split()]
     assert len(workers) == 2 and all(_gone(pid) for pid in workers)
+
+
+def test_undecodable_image_reason_holds_no_object_repr():
+    from facedist.data.decode import DecodeError, decode_rgb
+
+    with pytest.raises(DecodeError) as err:
+        decode_rgb(b"\x89PNG but not really an image")
+    assert "object at 0x" not in str(err.value) and "Pillow cannot identify it" in str(err.value)

@@ -19,6 +19,7 @@ import simplejpeg
 from PIL import Image
 
 from facedist.data.shards import square_resize
+from facedist.data.shards.images import failure_reason
 
 
 class DecodeError(ValueError):
@@ -30,7 +31,7 @@ def _reason(data: bytes) -> str:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
     except Exception as err:  # noqa: BLE001  (any decoder failure is the reason we report)
-        return str(err).splitlines()[0] if str(err) else type(err).__name__
+        return failure_reason(err)  # Pillow's own text would hold the repr of the BytesIO
     return "OpenCV could not decode it"
 
 
