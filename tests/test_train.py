@@ -80,21 +80,16 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONHASHSEED": "0"}
 
 
+def _launcher(nproc: int) -> list[str]:
+    """The command that starts the trainer: itself for one process, torch's launcher for several."""
+    if nproc == 1:
+        return [sys.executable, TRAIN]
+    distributed = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_port())]
+    return [sys.executable, *distributed, TRAIN]
+
+
 def train(args, nproc=1, check=True):
-    launcher = (
-        [sys.executable, TRAIN]
-        if nproc == 1
-        else [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            str(_port()),
-            TRAIN,
-        ]
-    )
+    launcher = _launcher(nproc)
     proc = subprocess.run([*launcher, *args], env=_env(), capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -640,20 +635,7 @@ def _wait_for_three_logged_steps(proc, out):
 
 def _signal_every_process_mid_run(args, nproc, out):
     """Start a run, send SIGUSR1 to every process of it at step >= 3, wait for the end."""
-    launcher = (
-        [sys.executable, TRAIN]
-        if nproc == 1
-        else [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            str(_port()),
-            TRAIN,
-        ]
-    )
+    launcher = _launcher(nproc)
     ignore_usr1 = lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # noqa: E731  (the agent, as train.sh)
     proc = subprocess.Popen(
         [*launcher, *args, f"output_dir={out}"],
