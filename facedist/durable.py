@@ -34,36 +34,35 @@ def temporary_sibling(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_open(path: str | Path) -> Iterator[io.BufferedWriter]:
-    """Open a temporary sibling of `path` for writing; on success fsync it, rename it to `path`, fsync the folder."""
-    path = Path(path)
+def _published(path: Path) -> Iterator[Path]:
+    """Yield the temporary sibling to write and fsync; on success rename it to `path` and fsync the folder;
+    in every case leave no temporary file behind."""
     tmp = temporary_sibling(path)
     try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
         fsync_directory(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def atomic_open(path: str | Path) -> Iterator[io.BufferedWriter]:
+    """Open a temporary sibling of `path` for writing; on success fsync it, rename it to `path`, fsync the folder."""
+    with _published(Path(path)) as tmp, open(tmp, "wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
     """Publish `path` by calling `write(tmp)` on a temporary sibling (for writers that want a file name),
     then fsync, rename and fsync the folder. A failing `write` leaves no temporary file behind."""
-    path = Path(path)
-    tmp = temporary_sibling(path)
-    try:
+    with _published(Path(path)) as tmp:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_directory(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, fsync: bool = True) -> None:
