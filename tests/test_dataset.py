@@ -304,3 +304,26 @@ def test_undecodable_image_reason_holds_no_object_repr():
     with pytest.raises(DecodeError) as err:
         decode_rgb(b"\x89PNG but not really an image")
     assert "object at 0x" not in str(err.value) and "Pillow cannot identify it" in str(err.value)
+
+
+_MAIN = """
+import sys
+with open(sys.argv[2], "a") as runs:  # once per process that runs this file as a module
+    print("ran", file=runs)
+if __name__ == "__main__":
+    from facedist.data.dataset import make_eval_loader
+    from facedist.data.index import ShardIndex
+    for _ in range(2):  # two loaders: workers are started twice, as each evaluation does
+        assert len(list(make_eval_loader(ShardIndex(sys.argv[1], "val"), {PREP!r}, batch_size=2, num_workers=2))) > 1
+"""
+
+
+@pytest.mark.integration
+def test_workers_do_not_run_the_main_module_again(synth_shards, tmp_path):
+    """A worker needs facedist's modules only: re-running the trainer's main module in each (Python's default
+    under forkserver) imported timm, Accelerate and DeepSpeed again, seconds at every loader's start."""
+    main, runs = tmp_path / "trainer_main.py", tmp_path / "runs.txt"
+    main.write_text(_MAIN.format(PREP=PREP))
+    proc = subprocess.run([sys.executable, str(main), str(synth_shards), str(runs)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert runs.read_text().splitlines() == ["ran"]

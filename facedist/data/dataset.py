@@ -17,7 +17,7 @@ import select
 import signal
 import sys
 import threading
-from multiprocessing import forkserver, popen_forkserver
+from multiprocessing import forkserver, popen_forkserver, spawn
 from multiprocessing.context import ForkServerContext, ForkServerProcess
 from typing import NamedTuple
 
@@ -49,6 +49,25 @@ class _WorkerPopen(popen_forkserver.Popen):
     def terminate(self) -> None:  # workers ignore SIGTERM: the DataLoader's and multiprocessing's exit-time
         self.kill()  # terminate() of a live or hung worker must still end it
 
+    def _launch(self, process_obj) -> None:
+        prepare = spawn.get_preparation_data
+        spawn.get_preparation_data = functools.partial(_without_main_module, prepare)
+        try:
+            super()._launch(process_obj)
+        finally:
+            spawn.get_preparation_data = prepare
+
+
+def _without_main_module(prepare, name: str) -> dict:
+    """A worker's start-up data without the main module: a worker runs facedist's own classes, which the fork
+    server has imported (`set_forkserver_preload`); by default each worker would run the main module again,
+    importing everything the trainer imports (timm, accelerate, DeepSpeed: seconds and memory per worker, at
+    every loader's start: each evaluation's). Python 3.11's fork server cannot preload `__main__` itself."""
+    data = prepare(name)
+    data.pop("init_main_from_path", None)
+    data.pop("init_main_from_name", None)
+    return data
+
 
 class _WorkerProcess(ForkServerProcess):
     @staticmethod
@@ -68,6 +87,7 @@ def _start_fork_server() -> None:
     across fork. They are blocked meanwhile, so one that reaches the trainer then waits, it is not lost."""
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    forkserver.set_forkserver_preload([__name__])  # torch, numpy, OpenCV: imported once, forked into each worker
     try:
         forkserver.ensure_running()
     finally:
