@@ -2,11 +2,11 @@
 # The demo: synthetic identities -> WebDataset shards -> training on 2 CPU processes (gloo) -> the
 # verification AUC on unseen identities before and after. Extra arguments are config overrides.
 #   bash launch/demo.sh [key=value ...]        e.g. train.max_steps=100
-# Environment: NPROC (processes, default 2), SHARDS (default shards/synth).
+# Environment: NPROC (processes, default 2), SHARDS (default shards/synth), OUT (the run, default runs/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.venv/bin; [[ -x $bin/python ]] || bin=$(dirname "$(command -v python3)")
-shards=${SHARDS:-shards/synth} nproc=${NPROC:-2} out=runs/demo
+shards=${SHARDS:-shards/synth} nproc=${NPROC:-2} out=${OUT:-runs/demo}
 
 if [[ ! -f $shards/manifest.json ]]; then
   rm -rf "$shards.faces"
