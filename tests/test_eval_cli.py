@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from tiny_model import save_tiny_model
 
-from facedist.evaluation.cli import PairsError, main, read_pairs
+from facedist.evaluation.cli import main
 
 ORL = Path(__file__).resolve().parents[2] / "shared" / "data" / "orl_faces"
 
@@ -52,39 +52,6 @@ def _assert_report(out: Path, checkpoint_dir: Path, tsne: bool = False):
     for far, threshold in thresholds["far"].items():
         assert -1.0 <= threshold <= 1.0 and float(far) > 0
     return metrics, thresholds
-
-
-def test_read_lfw_pairs(tmp_path):
-    root = _lfw_tree(tmp_path / "lfw", {"Ann_A": 3, "Bob_B": 1})
-    pairs = tmp_path / "pairs.txt"
-    pairs.write_text("1\t2\nAnn_A\t1\t3\nAnn_A\t2\t3\n\nAnn_A\t1\tBob_B\t1\nBob_B 1 Ann_A 2\n")
-    paths, identities, a, b, same = read_pairs(pairs, root)
-    assert [p.name for p in paths] == ["Ann_A_0001.png", "Ann_A_0003.png", "Ann_A_0002.png", "Bob_B_0001.png"]
-    assert identities == ["Ann_A", "Ann_A", "Ann_A", "Bob_B"]
-    assert [(paths[i].stem, paths[j].stem) for i, j in zip(a, b)] == [
-        ("Ann_A_0001", "Ann_A_0003"),
-        ("Ann_A_0002", "Ann_A_0003"),
-        ("Ann_A_0001", "Bob_B_0001"),
-        ("Bob_B_0001", "Ann_A_0002"),
-    ]
-    assert same.tolist() == [True, True, False, False]
-
-
-@pytest.mark.parametrize(
-    "body, fragment",
-    [
-        ("Ann_A\t1\t9\n", "line 1: image"),
-        ("Ann_A\t1\t2\nAnn_A 1\n", "line 2: expected 'name i j'"),
-        ("Ann_A\tone\t2\n", "line 1: image number 'one'"),
-        ("", "no pairs"),
-    ],
-)
-def test_bad_pairs_file_names_the_line(tmp_path, body, fragment):
-    root = _lfw_tree(tmp_path / "lfw", {"Ann_A": 2})
-    pairs = tmp_path / "pairs.txt"
-    pairs.write_text(body)
-    with pytest.raises(PairsError, match=fragment):
-        read_pairs(pairs, root)
 
 
 @pytest.mark.integration

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from facedist.data.cli import main as shards_main
-from facedist.data.pairs import read_pairs
+from facedist.data.pairs import PairsError, pair_images, read_pairs
 from facedist.evaluation import bins
 
 ORL = Path(__file__).resolve().parents[2] / "shared" / "data" / "orl_faces"
@@ -74,6 +74,35 @@ def test_hand_written_pairs_file_is_read_as_published(lfw):
     assert [p.same for p in pairs] == [True] * 3 + [False] * 3 + [True] * 3 + [False] * 3
     assert pairs[0].first == ("Abel_Pacheco", 1) and pairs[0].second == ("Abel_Pacheco", 4) and pairs[0].line == 2
     assert pairs[4].first == ("Abel_Pacheco", 2) and pairs[4].second == ("Jean_Lemounier", 1)
+
+
+def test_eval_pairs_take_each_image_once_in_pair_order_and_read_lfw_view1_headers(lfw, tmp_path):
+    """facedist-eval --pairs reads with the same reader: LFW's View 1 header `n` is one fold of n + n pairs."""
+    view1 = tmp_path / "view1.txt"
+    view1.write_text(
+        "2\nAbel_Pacheco\t1\t4\nAkhmed_Zakayev 2 3\n\n"  # any whitespace, blank lines skipped
+        "Abel_Pacheco\t1\tAkhmed_Zakayev\t2\nJean_Lemounier 1 Abel_Pacheco 4\n"
+    )
+    paths, identities, a, b, same = pair_images(view1, tmp_path / "lfw")
+    stems = [
+        "Abel_Pacheco_0001",
+        "Abel_Pacheco_0004",
+        "Akhmed_Zakayev_0002",
+        "Akhmed_Zakayev_0003",
+        "Jean_Lemounier_0001",
+    ]
+    assert [p.stem for p in paths] == stems
+    assert identities == ["Abel_Pacheco", "Abel_Pacheco", "Akhmed_Zakayev", "Akhmed_Zakayev", "Jean_Lemounier"]
+    assert [(paths[i].stem, paths[j].stem) for i, j in zip(a, b)] == [
+        ("Abel_Pacheco_0001", "Abel_Pacheco_0004"),
+        ("Akhmed_Zakayev_0002", "Akhmed_Zakayev_0003"),
+        ("Abel_Pacheco_0001", "Akhmed_Zakayev_0002"),
+        ("Jean_Lemounier_0001", "Abel_Pacheco_0004"),
+    ]
+    assert same.tolist() == [True, True, False, False]
+    view1.write_text("1\nAbel_Pacheco\t1\t9\nAbel_Pacheco\t1\tAkhmed_Zakayev\t2\n")
+    with pytest.raises(PairsError, match="view1.txt:2: no image Abel_Pacheco_0009"):
+        pair_images(view1, tmp_path / "lfw")
 
 
 def test_bin_packs_lfw_named_files_in_pair_order_for_the_existing_reader(lfw, tmp_path, capsys):

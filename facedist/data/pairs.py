@@ -157,13 +157,16 @@ def read_pairs(path: str | Path) -> tuple[list[Pair], int, int]:
     except (OSError, UnicodeDecodeError) as err:
         raise PairsError(f"{path}: not a readable pairs file ({getattr(err, 'strerror', None) or err})") from None
     header = lines[0].split() if lines else []
-    if len(header) != 2 or not all(field.isdigit() and int(field) > 0 for field in header):
-        raise PairsError(f"{path}:1: the header must be 'folds per_fold' (two whole numbers >= 1, e.g. '10 300')")
-    folds, per_fold = int(header[0]), int(header[1])
+    if not 1 <= len(header) <= 2 or not all(field.isdigit() and int(field) > 0 for field in header):
+        raise PairsError(
+            f"{path}:1: the header must be 'folds per_fold' (whole numbers >= 1, e.g. '10 300'), or 'n' for one "
+            "fold of n same + n different pairs (LFW's View 1 files)"
+        )
+    folds, per_fold = (1, int(header[0])) if len(header) == 1 else (int(header[0]), int(header[1]))
     body = [(number, line.split()) for number, line in enumerate(lines[1:], start=2) if line.strip()]
     if len(body) != 2 * folds * per_fold:
         raise PairsError(
-            f"{path}: {len(body)} pair lines, but the header '{folds} {per_fold}' says {2 * folds * per_fold}"
+            f"{path}: {len(body)} pair lines, but the header '{' '.join(header)}' says {2 * folds * per_fold}"
             f" ({folds} folds of {per_fold} same + {per_fold} different)"
         )
     pairs = []
@@ -192,7 +195,7 @@ class ImageFolder:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise PairsError(f"--images {self.root}: not a directory")
+            raise PairsError(f"{self.root}: not a directory (the pairs file's image folder)")
         self.by_identity = identity_images(self.root)
         self.numbered = {identity: self._lfw_numbered(identity) for identity in self.by_identity}
 
@@ -219,3 +222,26 @@ class ImageFolder:
         if number > len(files):
             raise PairsError(f"{where}: image {number} of {identity}, which has {len(files)} images in {self.root}")
         return files[number - 1]
+
+
+def pair_images(
+    pairs_file: str | Path, root: str | Path
+) -> tuple[list[Path], list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """A pairs file's images in ROOT, each once: (paths, their identities, index_a, index_b, is_same), the
+    indices into paths, pairs in file order (what facedist-eval --pairs embeds and scores)."""
+    pairs, _, _ = read_pairs(pairs_file)
+    folder = ImageFolder(root)
+    position: dict[Path, int] = {}
+    paths, identities, rows = [], [], []
+    for pair in pairs:
+        row = []
+        for identity, number in (pair.first, pair.second):
+            path = folder.path(identity, number, f"{pairs_file}:{pair.line}")
+            if path not in position:
+                position[path] = len(paths)
+                paths.append(path)
+                identities.append(identity)
+            row.append(position[path])
+        rows.append((*row, pair.same))
+    index_a, index_b, same = (np.array(column) for column in zip(*rows))
+    return paths, identities, index_a.astype(np.int64), index_b.astype(np.int64), same.astype(bool)

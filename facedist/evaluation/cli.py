@@ -2,7 +2,7 @@
 
     facedist-eval --checkpoint RUN_OR_CKPT --shards DIR [--split test] --out DIR [--[no-]flip] [--tsne]
     facedist-eval --checkpoint RUN_OR_CKPT --folder DIR --out DIR
-    facedist-eval --checkpoint RUN_OR_CKPT --pairs pairs.txt --folder LFW_ROOT --out DIR
+    facedist-eval --checkpoint RUN_OR_CKPT --pairs pairs.txt --folder IMAGES --out DIR [--align]
     facedist-eval --checkpoint RUN_OR_CKPT --bin lfw.bin [--bin cfp_fp.bin ...] --out DIR
     facedist-eval --checkpoint RUN_OR_CKPT --ijb IJB_C_DIR --ijb-name IJBC --out DIR
 
@@ -31,10 +31,10 @@ from facedist import distributed
 from facedist.align import AlignerMissingError, require_aligner
 from facedist.checkpoint import CheckpointError, load_embedding_model
 from facedist.cli_common import DefaultsHelpFormatter, add_embedding_options
+from facedist.data.pairs import PairsError, pair_images
 from facedist.data.shards import ShardError
 from facedist.durable import write_atomic
 from facedist.inference import (
-    IMAGE_EXTENSIONS,
     ImageDataset,
     ImageError,
     ShardImages,
@@ -47,60 +47,6 @@ from facedist.inference import (
 
 THRESHOLDS_FILE = "thresholds.json"
 SKIPPED_FILE = "skipped.json"
-
-
-class PairsError(ValueError):
-    """A pairs file line is malformed or names a missing image; the message names file and line."""
-
-
-def _lfw_image(root: Path, name: str, number: str, where: str) -> Path:
-    """LFW naming: root/NAME/NAME_0001.jpg (any known image extension)."""
-    if not number.isdigit():
-        raise PairsError(f"{where}: image number {number!r} is not an integer")
-    stem = root / name / f"{name}_{int(number):04d}"
-    for ext in IMAGE_EXTENSIONS:
-        if stem.with_suffix(ext).is_file():
-            return stem.with_suffix(ext)
-    raise PairsError(f"{where}: image {stem}.jpg not found")
-
-
-def read_pairs(
-    pairs_file: str | Path, root: str | Path
-) -> tuple[list[Path], list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """Parse an LFW-style pairs file: an optional header of one or two integers (folds, pairs per fold),
-    then `name i j` (same person) or `name1 i name2 j` (different people) per line.
-
-    Returns (unique image paths, their identities, index_a, index_b, is_same) with index_* into the paths.
-    """
-    pairs_file, root = Path(pairs_file), Path(root)
-    if not pairs_file.is_file():
-        raise PairsError(f"--pairs {pairs_file}: file not found")
-    position: dict[Path, int] = {}
-    paths, identities, rows = [], [], []
-
-    def index_of(name: str, number: str, where: str) -> int:
-        path = _lfw_image(root, name, number, where)
-        if path not in position:
-            position[path] = len(paths)
-            paths.append(path)
-            identities.append(name)
-        return position[path]
-
-    for line_number, line in enumerate(pairs_file.read_text().splitlines(), start=1):
-        fields = line.split()
-        where = f"{pairs_file} line {line_number}"
-        if not fields or (line_number == 1 and len(fields) <= 2 and all(f.isdigit() for f in fields)):
-            continue
-        if len(fields) == 3:
-            rows.append((index_of(fields[0], fields[1], where), index_of(fields[0], fields[2], where), True))
-        elif len(fields) == 4:
-            rows.append((index_of(fields[0], fields[1], where), index_of(fields[2], fields[3], where), False))
-        else:
-            raise PairsError(f"{where}: expected 'name i j' or 'name1 i name2 j', got {line.strip()!r}")
-    if not rows:
-        raise PairsError(f"--pairs {pairs_file}: no pairs")
-    index_a, index_b, same = (np.array(column) for column in zip(*rows))
-    return paths, identities, index_a.astype(np.int64), index_b.astype(np.int64), same.astype(bool)
 
 
 def write_thresholds(checkpoint_dir: Path, metrics: dict, source: str, flip: bool, align: bool) -> Path:
@@ -126,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--folder",
         help="identity-folder tree DIR/<identity>/<image> (symbolic links followed), or the image root of --pairs",
     )
-    source.add_argument("--pairs", help="LFW-style pairs.txt; images at FOLDER/NAME/NAME_0001.jpg")
+    source.add_argument(
+        "--pairs",
+        help="LFW-style pairs.txt (facedist.data.pairs); images FOLDER/NAME/NAME_0001.jpg, or else the i-th file of "
+        "the identity's sorted list",
+    )
     source.add_argument("--bin", action="append", default=[], help="InsightFace verification set (lfw.bin); repeatable")
     source.add_argument("--ijb", help="IJB-B/C folder as released (meta/, loose_crop/)")
     source.add_argument("--ijb-name", choices=("IJBB", "IJBC"), default="IJBC", help="which IJB set --ijb holds")
@@ -171,7 +121,7 @@ def _dataset(args, preprocessing: dict):
             f"shards {args.shards} split {args.split}",
         )
     if args.pairs:
-        paths, identities, index_a, index_b, same = read_pairs(args.pairs, args.folder)
+        paths, identities, index_a, index_b, same = pair_images(args.pairs, args.folder)
         pairs = (index_a, index_b, same)
         description = f"pairs {shown_path(args.pairs)} (images {shown_path(args.folder)})"
     else:
