@@ -68,9 +68,9 @@ def test_splits_cli_missing_source_is_one_line(tmp_path):
 def _runs(out: Path, split: str, name: str, aucs: list[float], tars: list[float]) -> None:
     for seed, (auc, tar) in enumerate(zip(aucs, tars)):
         run = out / split / name / f"seed{seed}"
-        (run / "bin" / f"{split}.test").mkdir(parents=True, exist_ok=True)
-        (run / "test.json").write_text(json.dumps({"auc": auc, "tar@far=1e-3": tar, "rank1": 0.5}))
-        (run / "bin" / f"{split}.test" / "metrics.json").write_text(json.dumps({"accuracy": 0.7 + seed / 100}))
+        run.mkdir(parents=True, exist_ok=True)
+        scores = {"auc": auc, "tar@far=1e-3": tar, "rank1": 0.5, "pairs_accuracy": 0.7 + seed / 100}
+        (run / "test.json").write_text(json.dumps(scores))
 
 
 def _table(out: Path) -> str:

