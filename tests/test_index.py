@@ -90,7 +90,7 @@ def test_missing_or_resized_shard_is_one_error_at_start(synth_shards, tmp_path, 
     with pytest.raises(ShardError, match=r"train-000001\.tar: missing .*and 1 more shard files of split 'train'"):
         ShardIndex(root, "train")
 
-    assert cli_main(["info", str(root)]) == 0
+    assert cli_main(["info", str(root)]) == 1  # as verify: the folder cannot be trained on
     text = capsys.readouterr().out
     assert f"train: {root / 'train-000001.tar'}: missing" in text
     assert f"train: {root / 'train-000002.tar'}: 1000 bytes, manifest.json says" in text

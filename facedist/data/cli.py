@@ -158,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bin":
             _bin(args)
         else:
-            print(info(args.out))
+            summary, damaged = info(args.out)
+            print(summary)
+            if damaged:  # as verify: a folder a training cannot open is not a success
+                return 1
     except (ShardError, ValueError, AlignerMissingError) as error:
         print(f"facedist-shards {args.command}: error: {error}", file=sys.stderr)
         return 2

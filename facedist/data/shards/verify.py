@@ -131,13 +131,15 @@ def verify(out: str | Path, workers: int = 1, progress: bool = True) -> list[str
     return problems
 
 
-def info(out: str | Path) -> str:
-    """A human-readable summary of a build, with a line for each shard file missing or not its recorded size."""
+def info(out: str | Path) -> tuple[str, int]:
+    """(a human-readable summary of a build with a line for each shard file missing or not its recorded size,
+    the number of such files)."""
     manifest = load_manifest(out)
     lines = [
         f"{out}: {manifest['image_size']}px {manifest['image_format']}, seed {manifest['seed']}, "
         f"source {manifest['source']}"
     ]
+    damaged = 0
     for split, meta in manifest["splits"].items():
         counts = np.array(meta["images_per_class"])
         size = sum(s["bytes"] for s in meta["shards"])
@@ -146,5 +148,7 @@ def info(out: str | Path) -> str:
             f"(per identity min {counts.min()}, median {np.median(counts):g}, max {counts.max()}), "
             f"{len(meta['shards'])} shards, {size / 1e6:.1f} MB"
         )
-        lines += [f"{split}: {problem}" for problem in shard_file_problems(out, meta).values()]
-    return "\n".join(lines)
+        problems = [f"{split}: {problem}" for problem in shard_file_problems(out, meta).values()]
+        lines += problems
+        damaged += len(problems)
+    return "\n".join(lines), damaged
