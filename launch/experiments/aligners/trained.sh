@@ -3,7 +3,8 @@
 # recipe search's dev split (launch/experiments/wild_recipe) aligned by the Haar cascades facedist had before
 # (haar_crops.py, next to this script) and trained and tested exactly as that search trains and tests its
 # YuNet-aligned runs (its run_recipes.sh, CROPS=1: the test photos are Haar crops already). The YuNet side is that
-# search's own run of the same recipe, split and seed (runs/wild_recipe/SPLIT/NAME/seedSEED/test.json).
+# search's own run of the same recipe, split and seed (runs/wild_recipe/SPLIT/NAME/seedSEED/test.json); both are
+# then scored again on the photos both aligners found (common_photos.py).
 #   bash launch/experiments/aligners/trained.sh
 # Environment: SPLIT (default dev), NAME (runs.tsv's run, default faces_wild), SEED (default 0), WILD (the
 # search's data, default shards/wild), DATA (the Haar data, default shards/wild_haar), OUT (default
@@ -22,5 +23,10 @@ done
 if [[ ! -f $data/$split/manifest.json ]]; then
   nice -n "$nice" "$bin/facedist-shards" build "$data/splits/$split/train" "$data/$split" --size 112
 fi
-CROPS=1 DATA=$data OUT=${OUT:-runs/aligners_trained} SPLITS=$split SEEDS=${SEED:-0} ONLY=${NAME:-faces_wild} \
-  NICE=$nice bash launch/experiments/wild_recipe/run_recipes.sh
+name=${NAME:-faces_wild} seed=${SEED:-0} out=${OUT:-runs/aligners_trained}
+CROPS=1 DATA=$data OUT=$out SPLITS=$split SEEDS=$seed ONLY=$name NICE=$nice \
+  bash launch/experiments/wild_recipe/run_recipes.sh
+# both runs again on the photos both aligners found (common_photos.py, next to this script)
+yunet=runs/wild_recipe/$split/$name/seed$seed/test.npz
+[[ -f $yunet ]] || { echo "no YuNet run to compare with: $yunet (run_recipes.sh SPLITS=$split ONLY=$name)" >&2; exit 2; }
+"$bin/python" launch/experiments/aligners/common_photos.py "$yunet" "$out/$split/$name/seed$seed/test.npz"
