@@ -141,7 +141,7 @@ def test_eval_folder_with_junk_evaluates_the_rest_and_lists_it(tiny32, synth_tre
 
 
 @pytest.mark.integration
-def test_eval_pairs_end_to_end(tiny32, tmp_path):
+def test_eval_pairs_end_to_end_prints_the_pairs_accuracy(tiny32, tmp_path, capsys):
     _, _, file = tiny32
     root = _lfw_tree(tmp_path / "lfw", {f"P{k}": 4 for k in range(6)})
     lines = [f"P{k} 1 {j}" for k in range(6) for j in (2, 3, 4)]
@@ -165,6 +165,9 @@ def test_eval_pairs_end_to_end(tiny32, tmp_path):
     )
     metrics, _ = _assert_report(out, file.parent)
     assert metrics["pairs"]["source"] == "given pairs" and metrics["pairs"]["num_pairs"] == 36
+    accuracy = metrics["accuracy_kfold"]
+    summary = next(line for line in capsys.readouterr().out.splitlines() if "AUC" in line)
+    assert f": accuracy {accuracy['mean']:.4f} +- {accuracy['std']:.4f} (36 pairs, 10 folds in pair order); " in summary
 
 
 def test_eval_bad_inputs_are_one_line(tiny32, synth_tree, tmp_path):

@@ -44,12 +44,19 @@ def _scalars(metrics: dict) -> dict[str, float]:
 
 
 def summary_line(metrics: dict) -> str:
-    """The headline numbers of `evaluate_embeddings`' metrics in one line (TAR only at resolvable FARs)."""
+    """The headline numbers of `evaluate_embeddings`' metrics in one line (TAR only at resolvable FARs), led by
+    the k-fold accuracy when the pairs were given (a pairs file)."""
     resolved = [far for far, threshold in metrics["thresholds_at_far"].items() if threshold is not None]
     tar = ", ".join(f"{far} {metrics['tar_at_far'][far]:.4f}" for far in resolved) or "- (too few impostor pairs)"
     rank1 = (metrics.get("cmc") or {}).get("rank1")
+    given = ""
+    if metrics["pairs"]["source"] == "given pairs":  # a pairs file's protocol: its accuracy is the headline
+        accuracy = metrics["accuracy_kfold"]
+        given = f"accuracy {accuracy['mean']:.4f} +- {accuracy['std']:.4f} ({metrics['pairs']['num_pairs']} pairs, "
+        given += "10 folds in pair order); all pairs of the images: "
     return (
-        f"AUC {metrics['auc']:.4f}, EER {metrics['eer']:.4f}, TAR@FAR {tar}"
+        given
+        + f"AUC {metrics['auc']:.4f}, EER {metrics['eer']:.4f}, TAR@FAR {tar}"
         + (f", rank-1 {rank1:.4f}" if rank1 is not None else "")
         + f" ({metrics['num_images']} images, {metrics['num_identities']} identities, "
         f"{metrics['num_genuine']} genuine + {metrics['num_impostor']} impostor pairs)"
