@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from facedist.config import load_config
@@ -143,3 +144,25 @@ def test_every_run_loads_and_the_article_recipe_is_the_relit_orl_one():
 def test_candidate_config_spends_the_budget():
     cfg = load_config(ROOT / "configs" / "faces_wild.yaml")
     assert cfg.data.images_per_step() * cfg.train.max_steps == 38_400
+
+
+def test_ensemble_scores_the_mean_cosine_and_refuses_other_photos():
+    from ensemble import ensemble
+
+    from facedist.evaluation.protocol import score
+
+    rng = np.random.default_rng(0)
+    identities = np.repeat([f"id{i}" for i in range(20)], 6)
+    paths = np.array([f"{name}/{i % 6}.jpg" for i, name in enumerate(identities)])
+    centres = rng.normal(size=(20, 16))[np.repeat(np.arange(20), 6)]
+    noisy = [(centres + rng.normal(scale=2.0, size=centres.shape), identities, paths) for _ in range(2)]
+    alone = [score(vectors, identities, paths)["auc"] for vectors, _, _ in noisy]
+    together = ensemble(noisy)
+    first_unit = noisy[0][0] / np.linalg.norm(noisy[0][0], axis=1, keepdims=True)
+    second_unit = noisy[1][0] / np.linalg.norm(noisy[1][0], axis=1, keepdims=True)
+    np.testing.assert_allclose(
+        together @ together.T, (first_unit @ first_unit.T + second_unit @ second_unit.T) / 2, atol=1e-6
+    )
+    assert score(together, identities, paths)["auc"] > max(alone) + 0.01  # independent noise averages out
+    with pytest.raises(ValueError, match="different photos"):
+        ensemble([noisy[0], (noisy[1][0], identities, paths[::-1])])
