@@ -6,7 +6,7 @@
 # search's own run of the same recipe, split and seed (runs/wild_recipe/SPLIT/NAME/seedSEED/test.json); both are
 # then scored again on the photos both aligners found (common_photos.py).
 #   bash launch/experiments/aligners/trained.sh
-# Environment: SPLIT (default dev), NAME (runs.tsv's run, default faces_wild), SEED (default 0), WILD (the
+# Environment: SPLIT (default dev), NAME (runs.tsv's run, default wild_16x4), SEED (default 0), WILD (the
 # search's data, default shards/wild), DATA (the Haar data, default shards/wild_haar), OUT (default
 # runs/aligners_trained), NICE (default 15). Needs `SPLITS=$SPLIT bash launch/experiments/wild_recipe/prepare_data.sh`
 # first. What is there is kept (delete it to redo it).
@@ -23,7 +23,7 @@ done
 if [[ ! -f $data/$split/manifest.json ]]; then
   nice -n "$nice" "$bin/facedist-shards" build "$data/splits/$split/train" "$data/$split" --size 112
 fi
-name=${NAME:-faces_wild} seed=${SEED:-0} out=${OUT:-runs/aligners_trained}
+name=${NAME:-wild_16x4} seed=${SEED:-0} out=${OUT:-runs/aligners_trained}
 CROPS=1 DATA=$data OUT=$out SPLITS=$split SEEDS=$seed ONLY=$name NICE=$nice \
   bash launch/experiments/wild_recipe/run_recipes.sh
 # both runs again on the photos both aligners found (common_photos.py, next to this script)
