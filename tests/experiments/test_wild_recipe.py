@@ -166,3 +166,12 @@ def test_ensemble_scores_the_mean_cosine_and_refuses_other_photos():
     assert score(together, identities, paths)["auc"] > max(alone) + 0.01  # independent noise averages out
     with pytest.raises(ValueError, match="different photos"):
         ensemble([noisy[0], (noisy[1][0], identities, paths[::-1])])
+
+
+def test_ensemble_cli_missing_file_is_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(HERE / "ensemble.py"), str(tmp_path / "a.npz"), str(tmp_path / "b.npz")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "a.npz" in result.stderr and "Traceback" not in result.stderr

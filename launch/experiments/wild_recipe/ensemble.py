@@ -34,10 +34,10 @@ def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print("usage: ensemble.py RUN1/test.npz RUN2/test.npz [...]", file=sys.stderr)
         return 2
-    runs = [read_embeddings(path) for path in argv]
     try:
+        runs = [read_embeddings(path) for path in argv]
         together = ensemble(runs)
-    except ValueError as error:
+    except (OSError, KeyError, ValueError) as error:  # a missing or foreign file, or other photos: one line
         print(f"ensemble.py: {error}", file=sys.stderr)
         return 2
     for path, (vectors, identities, paths) in zip(argv, runs):
