@@ -2,6 +2,7 @@
 (wild_table.py), and the article recipes run_recipes.sh reads from the relit-ORL search."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,27 @@ def test_table_acceptance_needs_two_seeds_on_both_splits(tmp_path):
     printed = _table(out)
     assert "- split A: needs 2+ seeds of faces_wild and triplet_adamw_cosine (has 1, 0)" in printed
     assert "NOT met" in printed
+
+
+def test_run_recipes_keeps_finished_runs_in_results_and_trains_nothing_twice(tmp_path):
+    data, out, results = tmp_path / "data", tmp_path / "runs", tmp_path / "results"
+    (data / "A").mkdir(parents=True)
+    (data / "A" / "manifest.json").write_text("{}")
+    (data / "A.pairs.txt").write_text("10\t300\n")
+    _runs(out, "A", "faces_wild", [0.9], [0.1])  # finished in runs/, not yet recorded
+    (out / "A" / "faces_wild" / "seed0.log").write_text("facedist train: start\rtrain: 1/2 [00:01]\r\ntraining: 5 s\n")
+    _runs(results, "A", "triplet_adamw_cosine", [0.8], [0.05])  # recorded by an earlier checkout, runs/ gone
+    environment = {"SPLITS": "A", "SEEDS": "0", "ONLY": "faces_wild triplet_adamw_cosine"}
+    environment |= {"DATA": str(data), "OUT": str(out), "RESULTS": str(results), "NICE": "0"}
+    done = subprocess.run(
+        ["bash", str(HERE / "run_recipes.sh")], env=os.environ | environment, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    record = results / "A" / "faces_wild" / "seed0"
+    assert json.loads((record / "test.json").read_text())["auc"] == 0.9
+    assert (record / "run.log").read_text() == "facedist train: start\ntraining: 5 s\n"  # no progress bars
+    assert not (out / "A" / "triplet_adamw_cosine").exists()  # not trained again
+    assert "| faces_wild | A | 1 | 0.900 |" in done.stdout and "| triplet_adamw_cosine | A | 1 | 0.800 |" in done.stdout
 
 
 def _article_overrides() -> dict[str, str]:
