@@ -8,7 +8,8 @@
 #   bash launch/experiments/aligners/trained.sh
 # Environment: SPLIT (default dev), NAME (runs.tsv's run, default wild_16x4), SEED (default 0), WILD (the
 # search's data, default shards/wild), DATA (the Haar data, default shards/wild_haar), OUT (default
-# runs/aligners_trained), NICE (default 15). Needs `SPLITS=$SPLIT bash launch/experiments/wild_recipe/prepare_data.sh`
+# runs/aligners_trained; the Haar runs' records go to OUT/results, never among the search's YuNet ones in
+# launch/experiments/wild_recipe/results), NICE (default 15). Needs `SPLITS=$SPLIT bash launch/experiments/wild_recipe/prepare_data.sh`
 # first. What is there is kept (delete it to redo it).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."  # the repository root
@@ -24,7 +25,7 @@ if [[ ! -f $data/$split/manifest.json ]]; then
   nice -n "$nice" "$bin/facedist-shards" build "$data/splits/$split/train" "$data/$split" --size 112
 fi
 name=${NAME:-wild_16x4} seed=${SEED:-0} out=${OUT:-runs/aligners_trained}
-CROPS=1 DATA=$data OUT=$out SPLITS=$split SEEDS=$seed ONLY=$name NICE=$nice \
+CROPS=1 DATA=$data OUT=$out RESULTS=$out/results SPLITS=$split SEEDS=$seed ONLY=$name NICE=$nice \
   bash launch/experiments/wild_recipe/run_recipes.sh
 # both runs again on the photos both aligners found (common_photos.py, next to this script)
 yunet=runs/wild_recipe/$split/$name/seed$seed/test.npz
